@@ -1,0 +1,190 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"net/netip"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/shardgate/shardgate/backend"
+)
+
+// RouteAnswer is the JSON object of `shardgate route` and /api/v1/route, fixed
+// by the routing contract: {"contract":"v1","client_id":…,"shard":…,
+// "instance":…,"address":…}. Instance and Address are null when the device
+// would be refused.
+type RouteAnswer struct {
+	Contract string  `json:"contract"`
+	ClientID string  `json:"client_id"`
+	Shard    int     `json:"shard"`
+	Instance *string `json:"instance"`
+	Address  *string `json:"address"`
+}
+
+// Answer routes clientID with s and describes the result. A nil snapshot
+// routes nothing.
+func Answer(s *backend.Snapshot, clientID string) RouteAnswer {
+	a := RouteAnswer{Contract: backend.ContractVersion, ClientID: clientID, Shard: -1}
+	if s == nil {
+		return a
+	}
+	r, ok := s.RouteString(clientID)
+	a.Shard = r.Shard
+	if ok && r.Instance != nil {
+		id, addr := r.Instance.ID, r.Instance.Addr.String()
+		a.Instance, a.Address = &id, &addr
+	}
+	return a
+}
+
+// AdminOptions configures the admin HTTP server.
+type AdminOptions struct {
+	// Addr is IP:port to listen on.
+	Addr string
+	// Router is read for /api/v1/route and /api/v1/backends.
+	Router *backend.Router
+	// Gatherer serves /metrics.
+	Gatherer prometheus.Gatherer
+	// Ready reports why the proxy is not ready to take devices (nil: ready).
+	Ready func() error
+	// Backends, when set, returns the backend listing for /api/v1/backends
+	// (instances with their health-check state). Default: the snapshot's
+	// instances.
+	Backends func() any
+	Log      *slog.Logger
+}
+
+// Admin is the admin HTTP server: /metrics, /healthz, /readyz,
+// /api/v1/route, /api/v1/backends and /debug/pprof/. It is meant for
+// 127.0.0.1 (the default address): it has no authentication.
+type Admin struct {
+	o   AdminOptions
+	srv *http.Server
+	ln  net.Listener
+}
+
+// NewAdmin binds the admin address.
+func NewAdmin(o AdminOptions) (*Admin, error) {
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	ln, err := net.Listen("tcp", o.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("admin: %w", err)
+	}
+	a := &Admin{o: o, ln: ln}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(o.Log.Handler(), slog.LevelError)}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", a.readyz)
+	mux.HandleFunc("GET /api/v1/route", a.route)
+	mux.HandleFunc("GET /api/v1/backends", a.backends)
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	a.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	return a, nil
+}
+
+// Addr is the bound address.
+func (a *Admin) Addr() netip.AddrPort {
+	return a.ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// Serve serves until Shutdown; run it on its own goroutine.
+func (a *Admin) Serve() error {
+	if err := a.srv.Serve(a.ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// Shutdown stops the server.
+func (a *Admin) Shutdown(ctx context.Context) error { return a.srv.Shutdown(ctx) }
+
+func (a *Admin) readyz(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if a.o.Ready != nil {
+		if err := a.o.Ready(); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "not ready: %v\n", err)
+			return
+		}
+	}
+	fmt.Fprintln(w, "ready")
+}
+
+func (a *Admin) route(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	if !q.Has("client_id") {
+		http.Error(w, "client_id query parameter required", http.StatusBadRequest)
+		return
+	}
+	writeJSON(w, Answer(a.o.Router.Load(), q.Get("client_id")))
+}
+
+func (a *Admin) backends(w http.ResponseWriter, _ *http.Request) {
+	if a.o.Backends != nil {
+		writeJSON(w, a.o.Backends())
+		return
+	}
+	writeJSON(w, SnapshotListing(a.o.Router.Load()))
+}
+
+// BackendListing is the /api/v1/backends answer when no source adds its own
+// detail.
+type BackendListing struct {
+	Contract  string            `json:"contract"`
+	Shards    int               `json:"shards"`
+	Instances []InstanceListing `json:"instances"`
+}
+
+// InstanceListing is one instance in BackendListing.
+type InstanceListing struct {
+	ID       string `json:"id"`
+	Address  string `json:"address"`
+	Shard    int    `json:"shard"`
+	Priority int    `json:"priority"`
+	Healthy  bool   `json:"healthy"`
+	// Active is true for the instance that takes its shard's new devices.
+	Active bool `json:"active"`
+}
+
+// SnapshotListing lists the instances of s.
+func SnapshotListing(s *backend.Snapshot) BackendListing {
+	l := BackendListing{Contract: backend.ContractVersion, Instances: []InstanceListing{}}
+	if s == nil {
+		return l
+	}
+	l.Shards = s.Shards()
+	for _, in := range s.Instances() {
+		act, ok := s.Active(in.Shard)
+		l.Instances = append(l.Instances, InstanceListing{
+			ID: in.ID, Address: in.Addr.String(), Shard: in.Shard,
+			Priority: in.Priority, Healthy: in.Healthy,
+			Active: ok && act.ID == in.ID,
+		})
+	}
+	return l
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}

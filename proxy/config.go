@@ -1,0 +1,507 @@
+package proxy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/netip"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/shardgate/shardgate/backend"
+)
+
+// Config is the proxy's YAML configuration. The zero value of every field
+// means "use the default"; Defaults fills them in and Validate checks them, so
+// the rest of the proxy reads plain values. Every field and its default is
+// documented in the README ("Configuration").
+type Config struct {
+	// Listen lists the device-facing addresses (IPv4 or IPv6 IP:port).
+	// Default: ["0.0.0.0:1883"].
+	Listen []string `yaml:"listen"`
+	// Admin is the admin HTTP address (metrics, health, API). Default
+	// "127.0.0.1:9883". "off" disables it.
+	Admin string `yaml:"admin"`
+	// EventLoops is the number of relay event loops (one listener socket per
+	// loop per address, SO_REUSEPORT). Default: the number of CPUs.
+	EventLoops int `yaml:"event_loops"`
+	// Shards is the logical shard count of the routing contract. It must
+	// match the brokers' `shards` meta. Required when any backend has a shard.
+	Shards int `yaml:"shards"`
+	// NoInstance decides what happens to a device whose shard has no healthy
+	// instance: "spill" (default: rendezvous hash over all healthy instances)
+	// or "reject" (CONNACK server unavailable).
+	NoInstance string `yaml:"no_instance"`
+	// EmptyClientID decides how a CONNECT with a zero-length client ID is
+	// routed: "source" (default: by a hash of the source address) or
+	// "reject" (CONNACK identifier rejected).
+	EmptyClientID string `yaml:"empty_client_id"`
+
+	Backends      BackendsConfig      `yaml:"backends"`
+	Health        HealthConfig        `yaml:"health"`
+	Connect       ConnectConfig       `yaml:"connect"`
+	Admission     AdmissionSettings   `yaml:"admission"`
+	Dial          DialSettings        `yaml:"dial"`
+	Keepalive     KeepaliveConfig     `yaml:"keepalive"`
+	ProxyProtocol ProxyProtocolConfig `yaml:"proxy_protocol"`
+	Shutdown      ShutdownConfig      `yaml:"shutdown"`
+	Log           LogConfig           `yaml:"log"`
+}
+
+// BackendsConfig names where the broker instances come from.
+type BackendsConfig struct {
+	// Static lists broker instances by IP:port.
+	Static []StaticBackend `yaml:"static"`
+}
+
+// StaticBackend is one broker instance of backends.static.
+type StaticBackend struct {
+	// ID identifies the instance; unique. Required.
+	ID string `yaml:"id"`
+	// Address is IP:port; never a host name (no DNS on the hot path).
+	Address string `yaml:"address"`
+	// Shard is the logical shard the instance serves (0-based). Omitted:
+	// the instance has no shard and is balanced by rendezvous hashing.
+	Shard *int `yaml:"shard"`
+	// Priority orders instances of one shard: lower is preferred. Default 0.
+	Priority int `yaml:"priority"`
+}
+
+// HealthConfig configures active checks of static backends; the defaults
+// and their validation are backend.HealthConfig's.
+type HealthConfig struct {
+	// Type is "tcp" (default: connect), "mqtt" (CONNECT, expect CONNACK) or
+	// "none" (every instance is always healthy).
+	Type string `yaml:"type"`
+	// Interval between checks of one instance. Default 2s.
+	Interval Duration `yaml:"interval"`
+	// Timeout of one check. Default 1s.
+	Timeout Duration `yaml:"timeout"`
+	// Rise is the number of consecutive passing checks that make an
+	// instance healthy. Default 2.
+	Rise int `yaml:"rise"`
+	// Fall is the number of consecutive failing checks that make an
+	// instance unhealthy. Default 3.
+	Fall int `yaml:"fall"`
+}
+
+// StaticConfig is the backend source configuration this config describes.
+func (c *Config) StaticConfig() backend.StaticConfig {
+	pol, _ := backend.ParsePolicy(c.NoInstance)
+	sc := backend.StaticConfig{
+		Shards:     c.Shards,
+		NoInstance: pol,
+		Health: backend.HealthConfig{
+			Type:     c.Health.Type,
+			Interval: c.Health.Interval.D(),
+			Timeout:  c.Health.Timeout.D(),
+			Rise:     c.Health.Rise,
+			Fall:     c.Health.Fall,
+		},
+	}
+	for _, b := range c.Backends.Static {
+		sc.Instances = append(sc.Instances, backend.StaticInstance{ID: b.ID, Address: b.Address, Shard: b.Shard, Priority: b.Priority})
+	}
+	return sc
+}
+
+// StaticSnapshot builds a snapshot of the static backends with every
+// instance taken as healthy: what `shardgate route --config` computes
+// offline, without health checks.
+func StaticSnapshot(c *Config) (*backend.Snapshot, error) {
+	sc := c.StaticConfig()
+	if err := sc.Validate(); err != nil {
+		return nil, err
+	}
+	ins := make([]backend.Instance, 0, len(sc.Instances))
+	for _, b := range sc.Instances {
+		shard := -1
+		if b.Shard != nil {
+			shard = *b.Shard
+		}
+		ins = append(ins, backend.Instance{ID: b.ID, Addr: netip.MustParseAddrPort(b.Address), Shard: shard, Priority: b.Priority, Healthy: true})
+	}
+	return backend.NewSnapshot(sc.Shards, ins, backend.SnapshotOptions{NoInstance: sc.NoInstance}), nil
+}
+
+// ConnectConfig bounds the CONNECT peek.
+type ConnectConfig struct {
+	// Timeout is the deadline for the whole CONNECT packet, from accept.
+	// Default 10s.
+	Timeout Duration `yaml:"timeout"`
+	// MaxSize caps the CONNECT packet, checked against the remaining length
+	// before the body is read. Default 64KiB.
+	MaxSize ByteSize `yaml:"max_size"`
+	// MaxClientIDLength refuses longer client IDs (CONNACK identifier
+	// rejected). Default 65535 (no limit beyond MQTT's own).
+	MaxClientIDLength int `yaml:"max_client_id_length"`
+}
+
+// AdmissionSettings configures admission control.
+type AdmissionSettings struct {
+	// Rate is new devices per second per shard (token bucket). Default 0:
+	// unlimited.
+	Rate float64 `yaml:"rate"`
+	// Burst is the bucket size. Default max(1, rate).
+	Burst int `yaml:"burst"`
+	// PerSourceMax caps concurrent connections from one source address.
+	// Default 0: unlimited.
+	PerSourceMax int `yaml:"per_source_max"`
+	// LogInterval is the least time between two log lines about refused
+	// devices of one reason. Default 10s.
+	LogInterval Duration `yaml:"log_interval"`
+}
+
+// DialSettings configures the connection to the broker.
+type DialSettings struct {
+	// Timeout for the TCP connect to the broker. Default 5s.
+	Timeout Duration `yaml:"timeout"`
+	// SourceAddresses is a pool of local IPs the proxy binds outgoing
+	// connections to (IP_BIND_ADDRESS_NO_PORT), each bringing its own
+	// ephemeral port range. Default: none (the kernel chooses).
+	SourceAddresses []string `yaml:"source_addresses"`
+}
+
+// KeepaliveConfig configures idle enforcement.
+type KeepaliveConfig struct {
+	// Factor multiplies a device's CONNECT keepalive: a connection silent
+	// (no byte from the device) for longer is closed. Default 1.5
+	// [MQTT-3.1.2-24].
+	Factor float64 `yaml:"factor"`
+	// MaxIdle closes connections whose CONNECT keepalive is 0 (disabled)
+	// after this much silence from the device. Default 0: never.
+	MaxIdle Duration `yaml:"max_idle"`
+}
+
+// ProxyProtocolConfig configures the PROXY protocol header sent to brokers.
+type ProxyProtocolConfig struct {
+	// Send is "" (default: none) or "v2".
+	Send string `yaml:"send"`
+}
+
+// ShutdownConfig configures SIGTERM.
+type ShutdownConfig struct {
+	// Grace is how long the proxy lets devices finish after it stopped
+	// accepting, before it closes the rest. Default 30s.
+	Grace Duration `yaml:"grace"`
+}
+
+// LogConfig configures logging.
+type LogConfig struct {
+	// Level is debug, info (default), warn or error.
+	Level string `yaml:"level"`
+	// Format is "text" (default) or "json".
+	Format string `yaml:"format"`
+}
+
+// Defaults, in one place.
+const (
+	DefaultListen            = "0.0.0.0:1883"
+	DefaultAdmin             = "127.0.0.1:9883"
+	DefaultConnectTimeout    = 10 * time.Second
+	DefaultConnectMaxSize    = 64 << 10
+	DefaultMaxClientIDLength = 65535
+	DefaultDialTimeout       = 5 * time.Second
+	DefaultKeepaliveFactor   = 1.5
+	DefaultShutdownGrace     = 30 * time.Second
+	DefaultAdmissionLog      = 10 * time.Second
+)
+
+// LoadConfig reads, defaults and validates a YAML file. Unknown fields are
+// errors, so a misspelt option fails at start instead of being ignored.
+func LoadConfig(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return ParseConfig(b)
+}
+
+// ParseConfig decodes, defaults and validates YAML bytes.
+func ParseConfig(b []byte) (*Config, error) {
+	var c Config
+	var root yaml.Node
+	if err := yaml.Unmarshal(b, &root); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if root.Kind != 0 {
+		dec := yaml.NewDecoder(bytes.NewReader(b))
+		dec.KnownFields(true)
+		if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("config: %w", nameFields(&root, err))
+		}
+	}
+	c.SetDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// nameFields prefixes the decoder's "line N: …" messages with the path of
+// the field on that line (e.g. "shutdown.grace"), so a value of the wrong
+// type is reported by field name like every other config error.
+func nameFields(root *yaml.Node, err error) error {
+	var te *yaml.TypeError
+	msgs := []string{err.Error()}
+	if errors.As(err, &te) {
+		msgs = te.Errors
+	}
+	out := make([]string, 0, len(msgs))
+	for _, m := range msgs {
+		var line int
+		if _, scanErr := fmt.Sscanf(m, "line %d:", &line); scanErr == nil {
+			// The messages quote the offending value in backticks; it
+			// tells apart several keys on one line ({a: 1, b: x}).
+			val := ""
+			if _, rest, ok := strings.Cut(m, "`"); ok {
+				val, _, _ = strings.Cut(rest, "`")
+			}
+			if path := fieldAtLine(root, line, val, ""); path != "" {
+				m = path + ": " + m
+			}
+		}
+		out = append(out, m)
+	}
+	return errors.New(strings.Join(out, "; "))
+}
+
+// fieldAtLine returns the dotted path of the innermost key or sequence item
+// on line whose scalar value is val (any value when val is ""), "" if none.
+func fieldAtLine(n *yaml.Node, line int, val, path string) string {
+	switch n.Kind {
+	case yaml.DocumentNode:
+		for _, c := range n.Content {
+			if p := fieldAtLine(c, line, val, path); p != "" {
+				return p
+			}
+		}
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			p := k.Value
+			if path != "" {
+				p = path + "." + k.Value
+			}
+			if inner := fieldAtLine(v, line, val, p); inner != "" {
+				return inner
+			}
+			if k.Line == line && v.Kind == yaml.ScalarNode && (val == "" || v.Value == val) {
+				return p
+			}
+		}
+	case yaml.SequenceNode:
+		for i, c := range n.Content {
+			p := fmt.Sprintf("%s[%d]", path, i)
+			if inner := fieldAtLine(c, line, val, p); inner != "" {
+				return inner
+			}
+			if c.Kind == yaml.ScalarNode && c.Line == line && (val == "" || c.Value == val) {
+				return p
+			}
+		}
+	}
+	return ""
+}
+
+// SetDefaults replaces zero values by their defaults.
+func (c *Config) SetDefaults() {
+	if len(c.Listen) == 0 {
+		c.Listen = []string{DefaultListen}
+	}
+	if c.Admin == "" {
+		c.Admin = DefaultAdmin
+	}
+	if c.EventLoops == 0 {
+		c.EventLoops = runtime.NumCPU()
+	}
+	if c.NoInstance == "" {
+		c.NoInstance = "spill"
+	}
+	if c.EmptyClientID == "" {
+		c.EmptyClientID = "source"
+	}
+	if c.Connect.Timeout == 0 {
+		c.Connect.Timeout = Duration(DefaultConnectTimeout)
+	}
+	if c.Connect.MaxSize == 0 {
+		c.Connect.MaxSize = DefaultConnectMaxSize
+	}
+	if c.Connect.MaxClientIDLength == 0 {
+		c.Connect.MaxClientIDLength = DefaultMaxClientIDLength
+	}
+	if c.Admission.Burst == 0 && c.Admission.Rate > 0 {
+		c.Admission.Burst = max(1, int(c.Admission.Rate))
+	}
+	if c.Admission.LogInterval == 0 {
+		c.Admission.LogInterval = Duration(DefaultAdmissionLog)
+	}
+	if c.Dial.Timeout == 0 {
+		c.Dial.Timeout = Duration(DefaultDialTimeout)
+	}
+	if c.Keepalive.Factor == 0 {
+		c.Keepalive.Factor = DefaultKeepaliveFactor
+	}
+	if c.Shutdown.Grace == 0 {
+		c.Shutdown.Grace = Duration(DefaultShutdownGrace)
+	}
+	if c.Log.Level == "" {
+		c.Log.Level = "info"
+	}
+	if c.Log.Format == "" {
+		c.Log.Format = "text"
+	}
+}
+
+// Validate checks a defaulted config; errors name the field.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", field, fmt.Sprintf(format, args...)))
+	}
+	for i, l := range c.Listen {
+		if _, err := netip.ParseAddrPort(l); err != nil {
+			bad(fmt.Sprintf("listen[%d]", i), "%q is not IP:port", l)
+		}
+	}
+	if c.Admin != "off" {
+		if _, err := netip.ParseAddrPort(c.Admin); err != nil {
+			bad("admin", "%q is not IP:port (or \"off\")", c.Admin)
+		}
+	}
+	if c.EventLoops < 0 || c.EventLoops > 1024 {
+		bad("event_loops", "%d is out of range 1..1024", c.EventLoops)
+	}
+	if c.Shards < 0 {
+		bad("shards", "%d is negative", c.Shards)
+	}
+	if c.NoInstance != "spill" && c.NoInstance != "reject" {
+		bad("no_instance", "%q is neither spill nor reject", c.NoInstance)
+	}
+	if c.EmptyClientID != "source" && c.EmptyClientID != "reject" {
+		bad("empty_client_id", "%q is neither source nor reject", c.EmptyClientID)
+	}
+	if err := c.StaticConfig().Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.Connect.MaxSize < 16 || c.Connect.MaxSize > 256<<20 {
+		bad("connect.max_size", "%d is outside 16 B..256 MiB", c.Connect.MaxSize)
+	}
+	if c.Connect.MaxClientIDLength < 1 || c.Connect.MaxClientIDLength > 65535 {
+		bad("connect.max_client_id_length", "%d is outside 1..65535", c.Connect.MaxClientIDLength)
+	}
+	if r := c.Admission.Rate; math.IsNaN(r) || math.IsInf(r, 0) || r < 0 {
+		bad("admission.rate", "%v is not a finite number >= 0", r)
+	}
+	if c.Admission.Burst < 0 {
+		bad("admission.burst", "%d is negative", c.Admission.Burst)
+	}
+	if m := c.Admission.PerSourceMax; m < 0 || m > math.MaxInt32 {
+		bad("admission.per_source_max", "%d is outside 0..%d", m, math.MaxInt32)
+	}
+	for i, s := range c.Dial.SourceAddresses {
+		if _, err := netip.ParseAddr(s); err != nil {
+			bad(fmt.Sprintf("dial.source_addresses[%d]", i), "%q is not an IP", s)
+		}
+	}
+	for _, d := range []struct {
+		field string
+		v     Duration
+	}{
+		{"connect.timeout", c.Connect.Timeout},
+		{"admission.log_interval", c.Admission.LogInterval},
+		{"dial.timeout", c.Dial.Timeout},
+		{"keepalive.max_idle", c.Keepalive.MaxIdle},
+		{"shutdown.grace", c.Shutdown.Grace},
+	} {
+		if d.v < 0 {
+			bad(d.field, "%s is negative", d.v.D())
+		}
+	}
+	if c.Keepalive.Factor < 1 {
+		bad("keepalive.factor", "%g is below 1", c.Keepalive.Factor)
+	}
+	if c.ProxyProtocol.Send != "" && c.ProxyProtocol.Send != "v2" {
+		bad("proxy_protocol.send", "%q is not v2", c.ProxyProtocol.Send)
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "%q is not debug, info, warn or error", c.Log.Level)
+	}
+	if c.Log.Format != "text" && c.Log.Format != "json" {
+		bad("log.format", "%q is neither text nor json", c.Log.Format)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	return nil
+}
+
+// ListenAddrs returns the parsed listen addresses (valid after Validate).
+func (c *Config) ListenAddrs() []netip.AddrPort {
+	out := make([]netip.AddrPort, 0, len(c.Listen))
+	for _, l := range c.Listen {
+		out = append(out, netip.MustParseAddrPort(l))
+	}
+	return out
+}
+
+// SourceAddrs returns the parsed dial source pool (valid after Validate).
+func (c *Config) SourceAddrs() []netip.Addr {
+	out := make([]netip.Addr, 0, len(c.Dial.SourceAddresses))
+	for _, s := range c.Dial.SourceAddresses {
+		out = append(out, netip.MustParseAddr(s))
+	}
+	return out
+}
+
+// Duration is a time.Duration written as "10s", "1m30s" in YAML.
+type Duration time.Duration
+
+// D returns the time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// UnmarshalYAML accepts Go duration strings.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: `%s` is not a duration (e.g. 10s, 500ms)", n.Line, n.Value)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes the duration string.
+func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
+
+// ByteSize is a size written as 65536, "64KiB" or "1MiB" in YAML.
+type ByteSize int
+
+// UnmarshalYAML accepts a plain integer or a KiB/MiB suffix.
+func (s *ByteSize) UnmarshalYAML(n *yaml.Node) error {
+	v := strings.TrimSpace(n.Value)
+	mult := 1
+	for _, u := range []struct {
+		suffix string
+		mult   int
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"KB", 1000}, {"MB", 1000 * 1000}, {"B", 1}} {
+		if strings.HasSuffix(v, u.suffix) {
+			v, mult = strings.TrimSpace(strings.TrimSuffix(v, u.suffix)), u.mult
+			break
+		}
+	}
+	i, err := strconv.Atoi(v)
+	if err != nil {
+		return fmt.Errorf("line %d: `%s` is not a size (e.g. 65536, 64KiB)", n.Line, n.Value)
+	}
+	*s = ByteSize(i * mult)
+	return nil
+}

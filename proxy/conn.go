@@ -1,0 +1,736 @@
+package proxy
+
+import (
+	"errors"
+	"math"
+	"net/netip"
+	"time"
+	"unsafe"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/shardgate/shardgate/backend"
+	"github.com/shardgate/shardgate/mqttwire"
+)
+
+// A connection flows through these stages (conn.state), each a method of
+// loop below: accept → peek → route → admit → dial → replay → relay → close.
+// Refused devices take a side exit through linger.
+const (
+	stClosed uint8 = iota
+	stPeek         // reading the CONNECT from the device, under the CONNECT deadline
+	stDial         // connecting to the broker; the device is not watched
+	stReplay       // writing the peeked bytes (and a PROXY header) to the broker
+	stRelay        // moving bytes both ways
+	stLinger       // refused: CONNACK sent, reading until the device closes
+)
+
+// conn flags.
+const (
+	fAdmitted uint8 = 1 << iota // Admission.Admit said yes: Release on close
+	fCounted                    // counted in connections_active
+	fUpEOF                      // the device sent FIN
+	fDownEOF                    // the broker sent FIN
+	fUpShut                     // FIN passed on to the broker (shutdown SHUT_WR)
+	fDownShut                   // FIN passed on to the device
+)
+
+// epoll interest of one fd, as kept in conn.devEv / conn.bkEv. 0 means the
+// fd is not in the epoll set: an fd with nothing to wait for is removed, since
+// EPOLLHUP and EPOLLERR are reported even for an empty mask and, being
+// level-triggered, would spin the loop.
+const (
+	evIn  uint8 = 1
+	evOut uint8 = 2
+)
+
+// conn is one proxied device: the device's socket and, from the dial stage on,
+// the broker's. Both fds map to the same conn in the proxy's fd table. It is
+// owned by one loop and touched only by it. It holds no buffer while idle:
+// up/down are lent only while a peer cannot take bytes, hs only until the
+// CONNECT is replayed.
+type conn struct {
+	timer // first field: connOf converts a fired *timer back
+
+	dev, bk int32 // bk is -1 until the dial stage
+	owner   uint16
+	state   uint8
+	flags   uint8
+	devEv   uint8
+	bkEv    uint8
+	level   uint8 // MQTT protocol level of the CONNECT
+
+	// lastDev is the loop tick at which the device last sent a byte;
+	// kaTicks the silence allowed (0: unlimited). The keepalive timer is
+	// not moved on every read: when it fires early it re-arms itself at
+	// lastDev+kaTicks.
+	lastDev uint32
+	kaTicks uint32
+
+	upF, downF mqttwire.Framer // packet boundaries device→broker, broker→device
+
+	up, down *pend // bytes read but not yet written, by direction
+
+	hs    *handshake   // peek, dial and replay state; nil once relaying
+	gauge *activeGauge // connections_active series, set when relaying
+
+	src netip.Addr // device address, for Admission.Release
+}
+
+// connOf returns the conn whose embedded timer t is. conn embeds timer as its
+// first field, so both share an address.
+func connOf(t *timer) *conn { return (*conn)(unsafe.Pointer(t)) }
+
+// handshake is what a connection needs from accept until its CONNECT has been
+// replayed; it is dropped then, so a relaying connection does not carry it.
+type handshake struct {
+	peek     []byte // everything read from the device so far, replayed as is
+	off      int    // bytes of peek already written to the broker
+	hdr      int    // length of the PROXY header at the start of peek, once added
+	connLen  int    // length of the CONNECT at the start of the device's bytes
+	accepted time.Time
+	dialed   time.Time
+	srcPort  uint16
+	inst     *backend.Instance
+	shard    int
+}
+
+// pend is a relay buffer lent to one direction of a connection whose
+// destination could not take everything at once.
+type pend struct {
+	buf      []byte
+	off, end int
+}
+
+// activeGauge is one connections_active series, looked up once per connect.
+type activeGauge struct{ g prometheus.Gauge }
+
+// lingerTicks is how long a refused device gets to read its CONNACK and close
+// before the proxy closes: closing with unread input would send a RST, which
+// may destroy the CONNACK before the device read it.
+const lingerTicks = 20
+
+// ticksFor converts a duration to whole ticks, rounding up.
+func ticksFor(d time.Duration) uint32 {
+	if d <= 0 {
+		return 0
+	}
+	t := (d + tickDuration - 1) / tickDuration
+	return uint32(min(t, math.MaxUint32/2))
+}
+
+// ---- accept --------------------------------------------------------------
+
+// accept takes a new device socket into the peek stage.
+func (l *loop) accept(fd int, sa unix.Sockaddr) {
+	if fd >= len(l.p.table) {
+		// Cannot happen while RLIMIT_NOFILE is what it was at New.
+		unix.Close(fd)
+		l.p.metrics.AcceptsShed.Inc()
+		return
+	}
+	src := addrPortOf(sa)
+	c := &conn{dev: int32(fd), bk: -1, owner: l.id, state: stPeek, src: src.Addr()}
+	c.hs = l.newHandshake()
+	c.hs.accepted, c.hs.srcPort = time.Now(), src.Port()
+	l.p.table[fd].Store(c)
+	l.active.Add(1)
+	if !l.setInterest(c, true, evIn) {
+		return
+	}
+	// One deadline for the whole CONNECT, from accept: a device dribbling
+	// a byte at a time cannot hold the slot longer.
+	l.wheel.add(&c.timer, l.now+l.p.set.connectTicks)
+}
+
+// ---- peek ----------------------------------------------------------------
+
+// peek reads from the device until its CONNECT is complete.
+func (l *loop) peek(c *conn) {
+	n, err := unix.Read(int(c.dev), l.buf)
+	switch {
+	case err == unix.EAGAIN || err == unix.EINTR:
+		return
+	case err != nil || n == 0:
+		l.reject(c, reasonClosedEarly)
+		return
+	}
+	hs := c.hs
+	hs.peek = append(hs.peek, l.buf[:n]...)
+	cn, err := mqttwire.ParseConnect(hs.peek, l.p.set.maxConnect)
+	if err != nil {
+		l.peekFailed(c, err)
+		return
+	}
+	hs.connLen = cn.Len
+	c.level = cn.Level
+	if cn.KeepAlive == 0 {
+		c.kaTicks = l.p.set.maxIdleTicks
+	} else {
+		// [MQTT-3.1.2-24] the server disconnects a client silent for
+		// one and a half times its keepalive.
+		ka := time.Duration(cn.KeepAlive) * time.Second
+		c.kaTicks = ticksFor(time.Duration(float64(ka) * l.p.set.kaFactor))
+	}
+	l.route(c, &cn)
+}
+
+// peekFailed refuses a device whose first bytes are not an acceptable
+// CONNECT. Where MQTT defines a CONNACK for the fault it is sent in the
+// device's dialect; a malformed packet is closed without one
+// [MQTT-4.8.0-1].
+func (l *loop) peekFailed(c *conn, err error) {
+	if err == mqttwire.ErrNeedMore {
+		return
+	}
+	if err == mqttwire.ErrNotMQTT {
+		l.reject(c, reasonNotMQTT)
+		return
+	}
+	var me *mqttwire.Error
+	switch {
+	case err == mqttwire.ErrTooLarge:
+		l.reject(c, reasonTooLarge)
+	case !errors.As(err, &me):
+		l.reject(c, reasonMalformed)
+	case me.Reason == mqttwire.UnsupportedProtocolVersion:
+		// [MQTT-3.1.2-2] answer 0x01 unacceptable protocol level; the
+		// device's own level is unknown, so the 3.1.1 form is sent.
+		l.refuse(c, mqttwire.Level311, mqttwire.UnsupportedProtocolVersion, reasonUnsupported)
+	case me.Reason == mqttwire.ClientIdentifierNotValid:
+		// [MQTT-3.1.3-9] identifier rejected.
+		l.refuse(c, connectLevel(c.hs.peek), mqttwire.ClientIdentifierNotValid, reasonClientIDInvalid)
+	default:
+		l.reject(c, reasonMalformed)
+	}
+}
+
+// connectLevel returns the protocol level of a CONNECT whose header and
+// protocol name are in b (3.1.1 when it cannot tell).
+func connectLevel(b []byte) byte {
+	i := 1
+	for i < len(b) && i < 5 && b[i]&0x80 != 0 {
+		i++
+	}
+	i++ // past the last remaining-length byte
+	for _, name := range []string{"\x00\x04MQTT", "\x00\x06MQIsdp"} {
+		if j := i + len(name); len(b) > j && string(b[i:j]) == name {
+			return b[j] &^ 0x80 // a bridge sets 0x80 on the level
+		}
+	}
+	return mqttwire.Level311
+}
+
+// ---- route ---------------------------------------------------------------
+
+// route maps the client ID to a shard and instance.
+func (l *loop) route(c *conn, cn *mqttwire.Connect) {
+	snap := l.p.router.Load()
+	var (
+		r  backend.Route
+		ok bool
+	)
+	switch {
+	case cn.ClientID == "" && l.p.set.emptyReject:
+		l.refuse(c, c.level, mqttwire.ClientIdentifierNotValid, reasonClientIDInvalid)
+		return
+	case cn.ClientID == "":
+		// A zero-length ID (3.1.1 clean session, or 5.0 asking for an
+		// assigned one) routes by source address, so a device keeps its
+		// broker across reconnects from the same address.
+		r, ok = snap.RouteAddr(c.src)
+	case len(cn.ClientID) > l.p.set.maxClientID:
+		l.refuse(c, c.level, mqttwire.ClientIdentifierNotValid, reasonClientIDInvalid)
+		return
+	default:
+		r, ok = snap.RouteString(cn.ClientID)
+	}
+	if !ok || r.Instance == nil {
+		l.refuse(c, c.level, mqttwire.ServerUnavailable, reasonNoInstance)
+		return
+	}
+	c.hs.inst, c.hs.shard = r.Instance, r.Shard
+	l.admit(c)
+}
+
+// ---- admit ---------------------------------------------------------------
+
+// admit applies the shard's token bucket and the per-source limit.
+func (l *loop) admit(c *conn) {
+	ok, reason := l.p.admission.Admit(c.hs.shard, c.src)
+	if !ok {
+		if ok, n := l.p.admitLog.Allow(reason); ok {
+			l.p.log.Warn("device refused by admission", "reason", reason,
+				"src", c.src, "shard", c.hs.shard, "suppressed", n)
+		}
+		l.refuse(c, c.level, mqttwire.ServerBusy, reason)
+		return
+	}
+	c.flags |= fAdmitted
+	l.dial(c)
+}
+
+// ---- dial ----------------------------------------------------------------
+
+// dial starts the nonblocking connect to the instance.
+func (l *loop) dial(c *conn) {
+	hs := c.hs
+	hs.dialed = time.Now()
+	fd, inProgress, err := l.p.dialer.Start(hs.inst.Addr)
+	if err == nil && fd >= len(l.p.table) {
+		unix.Close(fd)
+		err = unix.EMFILE
+	}
+	if err != nil {
+		l.dialFailed(c, err)
+		return
+	}
+	c.bk = int32(fd)
+	l.p.table[fd].Store(c)
+	c.state = stDial
+	// The device is not watched while dialling: what it sends waits in its
+	// socket buffer and a hang-up is seen once the relay starts.
+	if !l.setInterest(c, true, 0) {
+		return
+	}
+	l.wheel.reset(&c.timer, l.now+l.p.set.dialTicks)
+	if !inProgress {
+		l.dialDone(c)
+		return
+	}
+	l.setInterest(c, false, evOut)
+}
+
+// dialDone runs when the broker socket became writable or failed. EPOLLOUT
+// alone is not success: SO_ERROR says.
+func (l *loop) dialDone(c *conn) {
+	if err := Finish(int(c.bk)); err != nil {
+		l.dialFailed(c, err)
+		return
+	}
+	l.p.metrics.BackendDial.Observe(time.Since(c.hs.dialed).Seconds())
+	l.replay(c)
+}
+
+// dialFailed drops the broker socket and answers server unavailable.
+func (l *loop) dialFailed(c *conn, err error) {
+	if ok, n := l.p.dialLog.Allow("dial"); ok {
+		l.p.log.Warn("backend dial failed", "instance", c.hs.inst.ID, "address", c.hs.inst.Addr,
+			"err", err, "suppressed", n)
+	}
+	l.dropFD(c, false)
+	c.bk = -1
+	l.refuse(c, c.level, mqttwire.ServerUnavailable, reasonDialFailed)
+}
+
+// ---- replay --------------------------------------------------------------
+
+// replay writes the optional PROXY v2 header and every byte read from the
+// device, unchanged, to the broker.
+func (l *loop) replay(c *conn) {
+	hs := c.hs
+	c.state = stReplay
+	if l.p.set.proxyV2 {
+		var local netip.AddrPort
+		if sa, err := unix.Getsockname(int(c.dev)); err == nil {
+			local = addrPortOf(sa)
+		}
+		b := make([]byte, 0, ProxyV2MaxLen+len(hs.peek))
+		b = AppendProxyV2(b, netip.AddrPortFrom(c.src, hs.srcPort), local)
+		hs.hdr = len(b)
+		hs.peek = append(b, hs.peek...)
+	}
+	l.replayWrite(c)
+}
+
+// replayWrite continues the replay; a partial write waits for EPOLLOUT.
+func (l *loop) replayWrite(c *conn) {
+	hs := c.hs
+	n, err := unix.Write(int(c.bk), hs.peek[hs.off:])
+	if err != nil && err != unix.EAGAIN && err != unix.EINTR {
+		l.dialFailed(c, err)
+		return
+	}
+	hs.off += max(n, 0)
+	if hs.off < len(hs.peek) {
+		l.setInterest(c, false, evOut)
+		return
+	}
+	l.relayStart(c)
+}
+
+// ---- relay ---------------------------------------------------------------
+
+// relayStart hands the connection over to the relay and forgets the
+// handshake.
+func (l *loop) relayStart(c *conn) {
+	hs := c.hs
+	m := l.p.metrics
+	m.Handoff.Observe(time.Since(hs.accepted).Seconds())
+	m.connOK.Inc()
+	dev := hs.peek[hs.hdr:]
+	l.bytesUp += uint64(len(dev))
+	// The CONNECT is one packet; whatever the device sent after it is
+	// framed like any later byte.
+	k, err := c.upF.Feed(dev[hs.connLen:])
+	l.pktUp += uint64(k) + 1
+	c.gauge = l.activeGaugeFor(hs.shard, hs.inst.ID)
+	c.gauge.g.Inc()
+	c.flags |= fCounted
+	l.freeHandshake(c.hs)
+	c.hs = nil
+	c.state = stRelay
+	c.lastDev = l.now
+	if err != nil {
+		l.closeConn(c)
+		return
+	}
+	if c.kaTicks > 0 {
+		l.wheel.reset(&c.timer, l.now+c.kaTicks)
+	} else {
+		l.wheel.remove(&c.timer)
+	}
+	l.syncInterest(c)
+}
+
+// relay handles an epoll event on either socket of a relaying connection.
+// HUP and ERR wake whichever operation is waited for; the read or write then
+// reports what happened.
+func (l *loop) relay(c *conn, isDev bool, ev uint32) {
+	mask := c.bkEv
+	if isDev {
+		mask = c.devEv
+	}
+	wake := ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0
+	if mask&evOut != 0 && (wake || ev&unix.EPOLLOUT != 0) {
+		// This fd is the destination of the other direction's pending
+		// bytes: to the device, the downstream ones.
+		l.flush(c, !isDev)
+		if c.state != stRelay {
+			return
+		}
+	}
+	if mask&evIn != 0 && (wake || ev&unix.EPOLLIN != 0) {
+		l.relayRead(c, isDev)
+		if c.state != stRelay {
+			return
+		}
+	}
+	l.syncInterest(c)
+}
+
+// relayRead reads once from one side into the loop's buffer and writes it to
+// the other side. What the destination cannot take is copied to a lent
+// buffer and the source is paused until it is flushed (backpressure: at most
+// one buffer per direction).
+func (l *loop) relayRead(c *conn, fromDev bool) {
+	src, dst := c.dev, c.bk
+	if !fromDev {
+		src, dst = dst, src
+	}
+	n, err := unix.Read(int(src), l.buf)
+	switch {
+	case err == unix.EAGAIN || err == unix.EINTR:
+		return
+	case err != nil:
+		l.closeConn(c)
+		return
+	case n == 0:
+		l.relayEOF(c, fromDev)
+		return
+	}
+	b := l.buf[:n]
+	var k int
+	if fromDev {
+		c.lastDev = l.now
+		l.bytesUp += uint64(n)
+		k, err = c.upF.Feed(b)
+		l.pktUp += uint64(k)
+	} else {
+		l.bytesDown += uint64(n)
+		k, err = c.downF.Feed(b)
+		l.pktDown += uint64(k)
+	}
+	if err != nil {
+		// A remaining length of five bytes: the stream cannot be framed
+		// and the receiver would close anyway [MQTT-4.8.0-1].
+		l.closeConn(c)
+		return
+	}
+	w, err := unix.Write(int(dst), b)
+	if err != nil && err != unix.EAGAIN && err != unix.EINTR {
+		l.closeConn(c)
+		return
+	}
+	w = max(w, 0)
+	if w == n {
+		return
+	}
+	p := l.lend()
+	p.end = copy(p.buf, b[w:])
+	if fromDev {
+		c.up = p
+	} else {
+		c.down = p
+	}
+}
+
+// flush writes pending bytes of one direction (up: to the broker). When the
+// buffer is empty it goes back to the loop, and a FIN seen meanwhile is
+// passed on.
+func (l *loop) flush(c *conn, up bool) {
+	p, dst := c.down, c.dev
+	if up {
+		p, dst = c.up, c.bk
+	}
+	if p == nil {
+		return
+	}
+	n, err := unix.Write(int(dst), p.buf[p.off:p.end])
+	if err != nil && err != unix.EAGAIN && err != unix.EINTR {
+		l.closeConn(c)
+		return
+	}
+	p.off += max(n, 0)
+	if p.off < p.end {
+		return
+	}
+	l.giveBack(p)
+	if up {
+		c.up = nil
+		if c.flags&fUpEOF != 0 {
+			l.passFIN(c, true)
+		}
+	} else {
+		c.down = nil
+		if c.flags&fDownEOF != 0 {
+			l.passFIN(c, false)
+		}
+	}
+}
+
+// relayEOF handles a FIN from one side: stop reading it (level-triggered
+// epoll would report the EOF forever) and pass the FIN on once the pending
+// bytes of that direction are written.
+func (l *loop) relayEOF(c *conn, fromDev bool) {
+	if fromDev {
+		c.flags |= fUpEOF
+		if c.up == nil {
+			l.passFIN(c, true)
+		}
+	} else {
+		c.flags |= fDownEOF
+		if c.down == nil {
+			l.passFIN(c, false)
+		}
+	}
+}
+
+// passFIN half-closes the destination of one direction; when both directions
+// are done the connection is closed.
+func (l *loop) passFIN(c *conn, up bool) {
+	dst, flag := c.dev, fDownShut
+	if up {
+		dst, flag = c.bk, fUpShut
+	}
+	if c.flags&flag == 0 {
+		c.flags |= flag
+		if err := unix.Shutdown(int(dst), unix.SHUT_WR); err != nil {
+			l.closeConn(c)
+			return
+		}
+	}
+	if c.flags&(fUpShut|fDownShut) == fUpShut|fDownShut {
+		l.closeConn(c)
+	}
+}
+
+// syncInterest sets both fds' epoll interest from the relay state: read a
+// side unless it sent FIN or its direction has bytes pending; wait for
+// writability where bytes are pending.
+func (l *loop) syncInterest(c *conn) {
+	var dev, bk uint8
+	if c.flags&fUpEOF == 0 && c.up == nil {
+		dev |= evIn
+	}
+	if c.down != nil {
+		dev |= evOut
+	}
+	if c.flags&fDownEOF == 0 && c.down == nil {
+		bk |= evIn
+	}
+	if c.up != nil {
+		bk |= evOut
+	}
+	if l.setInterest(c, true, dev) {
+		l.setInterest(c, false, bk)
+	}
+}
+
+// ---- refuse / linger -------------------------------------------------------
+
+// refuse answers a device with a CONNACK carrying reason in its dialect,
+// half-closes, and lingers until the device closes.
+func (l *loop) refuse(c *conn, level byte, reason mqttwire.ReasonCode, metric string) {
+	l.p.metrics.reject(metric)
+	l.releaseAdmission(c)
+	var ack [8]byte
+	b := mqttwire.AppendConnack(ack[:0], level, false, reason)
+	// A CONNACK is 4 or 5 bytes: a fresh socket's send buffer takes it.
+	if _, err := unix.Write(int(c.dev), b); err != nil {
+		l.closeConn(c)
+		return
+	}
+	if err := unix.Shutdown(int(c.dev), unix.SHUT_WR); err != nil {
+		l.closeConn(c)
+		return
+	}
+	c.state = stLinger
+	if !l.setInterest(c, true, evIn) {
+		return
+	}
+	l.wheel.reset(&c.timer, l.now+lingerTicks)
+}
+
+// linger discards what a refused device still sends until it closes.
+func (l *loop) linger(c *conn) {
+	n, err := unix.Read(int(c.dev), l.buf)
+	if err == unix.EAGAIN || err == unix.EINTR {
+		return
+	}
+	if err != nil || n == 0 {
+		l.closeConn(c)
+	}
+}
+
+// reject counts a refused handshake and closes without an answer.
+func (l *loop) reject(c *conn, reason string) {
+	l.p.metrics.reject(reason)
+	l.closeConn(c)
+}
+
+// ---- timers ----------------------------------------------------------------
+
+// expire handles a connection's timer: the CONNECT deadline, the dial
+// timeout, the keepalive allowance or the end of a linger.
+func (l *loop) expire(t *timer) {
+	c := connOf(t)
+	switch c.state {
+	case stPeek:
+		l.reject(c, reasonTimeout)
+	case stDial, stReplay:
+		l.dialFailed(c, unix.ETIMEDOUT)
+	case stRelay:
+		if due := c.lastDev + c.kaTicks; int32(due-l.now) > 0 {
+			// The device spoke since the timer was set.
+			l.wheel.add(t, due)
+			return
+		}
+		l.idleCloses++
+		l.closeConn(c)
+	case stLinger:
+		l.closeConn(c)
+	}
+}
+
+// ---- close -----------------------------------------------------------------
+
+// closeConn forgets a connection: counts, releases admission, returns
+// buffers, and queues both fds for close after the current event batch (so a
+// later event of the batch cannot meet a reused fd number).
+func (l *loop) closeConn(c *conn) {
+	if c.state == stClosed {
+		return
+	}
+	l.wheel.remove(&c.timer)
+	l.dropFD(c, true)
+	if c.bk >= 0 {
+		l.dropFD(c, false)
+	}
+	if c.up != nil {
+		l.giveBack(c.up)
+		c.up = nil
+	}
+	if c.down != nil {
+		l.giveBack(c.down)
+		c.down = nil
+	}
+	l.releaseAdmission(c)
+	if c.flags&fCounted != 0 {
+		c.gauge.g.Dec()
+		c.flags &^= fCounted
+	}
+	if c.hs != nil {
+		l.freeHandshake(c.hs)
+		c.hs = nil
+	}
+	c.state = stClosed
+	l.active.Add(-1)
+}
+
+// releaseAdmission returns the device's admission slot once.
+func (l *loop) releaseAdmission(c *conn) {
+	if c.flags&fAdmitted != 0 {
+		c.flags &^= fAdmitted
+		l.p.admission.Release(c.src)
+	}
+}
+
+// dropFD removes one of the connection's fds from epoll and the table and
+// queues it for close.
+func (l *loop) dropFD(c *conn, dev bool) {
+	fd := c.bk
+	if dev {
+		fd = c.dev
+	}
+	if fd < 0 {
+		return
+	}
+	if (dev && c.devEv != 0) || (!dev && c.bkEv != 0) {
+		unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
+	}
+	if dev {
+		c.devEv = 0
+	} else {
+		c.bkEv = 0
+	}
+	l.p.table[fd].Store(nil)
+	l.closing = append(l.closing, int(fd))
+}
+
+// setInterest registers, changes or removes one fd's epoll interest. On
+// failure the connection is closed and false returned.
+func (l *loop) setInterest(c *conn, dev bool, want uint8) bool {
+	fd, cur := c.bk, &c.bkEv
+	if dev {
+		fd, cur = c.dev, &c.devEv
+	}
+	if *cur == want {
+		return true
+	}
+	var op int
+	switch {
+	case want == 0:
+		op = unix.EPOLL_CTL_DEL
+	case *cur == 0:
+		op = unix.EPOLL_CTL_ADD
+	default:
+		op = unix.EPOLL_CTL_MOD
+	}
+	ev := unix.EpollEvent{Fd: fd}
+	if want&evIn != 0 {
+		ev.Events |= unix.EPOLLIN
+	}
+	if want&evOut != 0 {
+		ev.Events |= unix.EPOLLOUT
+	}
+	if err := unix.EpollCtl(l.epfd, op, int(fd), &ev); err != nil {
+		l.p.log.Error("epoll_ctl", "fd", fd, "op", op, "err", err)
+		*cur = 0 // not registered, whatever it was
+		l.closeConn(c)
+		return false
+	}
+	*cur = want
+	return true
+}

@@ -1,0 +1,425 @@
+package proxy
+
+import (
+	"fmt"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	// relayBufSize is the loop's read buffer, shared by all its
+	// connections, and the size of a lent backpressure buffer.
+	relayBufSize = 64 << 10
+	// maxEvents is how many epoll events one wakeup takes.
+	maxEvents = 256
+	// acceptBatch bounds the accepts per listener per wakeup, so a storm
+	// of new devices does not starve the connections already relaying;
+	// the listener is level-triggered and reports the rest next turn.
+	acceptBatch = 64
+	// maxFreeBufs bounds the lent buffers a loop keeps for reuse.
+	maxFreeBufs = 64
+	// maxFreeHandshakes bounds the handshake records a loop keeps for
+	// reuse, and keptPeek the peek buffer size kept with one: a connect
+	// storm then allocates almost nothing per device.
+	maxFreeHandshakes = 256
+	keptPeek          = 1 << 10
+)
+
+// Kinds of epoll registrations, kept in EpollEvent.Pad. Connection fds carry
+// kindConn and are looked up in the fd table; a listener carries
+// kindListener+its index.
+const (
+	kindConn     int32 = 0
+	kindWake     int32 = 1
+	kindListener int32 = 2
+)
+
+// loop is one event loop: an epoll set over its own listener sockets and the
+// connections they accepted. Everything in it is touched by its goroutine
+// only, except active (read by Proxy.Active) and the wake eventfd.
+type loop struct {
+	p     *Proxy
+	id    uint16
+	epfd  int
+	wake  int // eventfd: Shutdown writes it to get the loop's attention
+	spare int // an fd on /dev/null, given up to accept-and-close on EMFILE
+
+	listeners []listener
+	ready     []bool // listeners reported readable in this batch
+
+	buf    []byte
+	events []unix.EpollEvent
+	wheel  *wheel
+	start  time.Time
+	now    uint32 // current tick
+
+	closing []int // fds to close after the current batch
+	free    []*pend
+	freeHS  []*handshake
+
+	active atomic.Int64 // connections owned (handshaking and relaying)
+	gauges map[gaugeKey]*activeGauge
+
+	// Hot counters, added to Metrics once per tick.
+	bytesUp, bytesDown uint64
+	pktUp, pktDown     uint64
+	idleCloses         uint64
+	lent, lentFlushed  int64
+	flushedAt          uint32
+
+	done chan struct{}
+}
+
+type gaugeKey struct {
+	shard int
+	id    string
+}
+
+// newLoop creates a loop with its epoll set and wake eventfd; the listeners
+// are added by the caller.
+func newLoop(p *Proxy, id int) (*loop, error) {
+	l := &loop{
+		p:      p,
+		id:     uint16(id),
+		epfd:   -1,
+		wake:   -1,
+		spare:  -1,
+		buf:    make([]byte, relayBufSize),
+		events: make([]unix.EpollEvent, maxEvents),
+		start:  time.Now(),
+		gauges: make(map[gaugeKey]*activeGauge),
+		done:   make(chan struct{}),
+	}
+	l.wheel = newWheel(0)
+	var err error
+	if l.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
+		return nil, fmt.Errorf("event loop %d: epoll_create: %w", id, err)
+	}
+	if l.wake, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC); err != nil {
+		l.wake = -1
+		l.closeFDs()
+		return nil, fmt.Errorf("event loop %d: eventfd: %w", id, err)
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(l.wake), Pad: kindWake}
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, l.wake, &ev); err != nil {
+		unix.Close(l.wake)
+		l.closeFDs()
+		return nil, fmt.Errorf("event loop %d: epoll_ctl eventfd: %w", id, err)
+	}
+	if l.spare, err = unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0); err != nil {
+		l.spare = -1
+		unix.Close(l.wake)
+		l.closeFDs()
+		return nil, fmt.Errorf("event loop %d: open spare fd: %w", id, err)
+	}
+	return l, nil
+}
+
+// addListener registers a listener socket with the loop.
+func (l *loop) addListener(ln listener) error {
+	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(ln.fd), Pad: kindListener + int32(len(l.listeners))}
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, ln.fd, &ev); err != nil {
+		return fmt.Errorf("listen %s: epoll_ctl: %w", ln.addr, err)
+	}
+	l.listeners = append(l.listeners, ln)
+	l.ready = append(l.ready, false)
+	return nil
+}
+
+// closeFDs closes the loop's own fds (not connections), except the wake
+// eventfd, which the Proxy closes once the loop has exited.
+func (l *loop) closeFDs() {
+	l.closeListeners()
+	for _, fd := range []*int{&l.epfd, &l.spare} {
+		if *fd >= 0 {
+			unix.Close(*fd)
+			*fd = -1
+		}
+	}
+}
+
+// closeListeners stops accepting. Connections still in the kernel's accept
+// queue of this socket are reset (or, with the other loops' sockets still
+// open, not: the kernel only queues on open ones).
+func (l *loop) closeListeners() {
+	for i := range l.listeners {
+		if l.listeners[i].fd >= 0 {
+			if l.epfd >= 0 {
+				unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, l.listeners[i].fd, nil)
+			}
+			unix.Close(l.listeners[i].fd)
+			l.listeners[i].fd = -1
+		}
+	}
+}
+
+// tick returns the current tick number.
+func (l *loop) tick() uint32 { return uint32(time.Since(l.start) / tickDuration) }
+
+// run is the loop's goroutine: wait, dispatch the batch, fire timers, close
+// what the batch closed, accept, flush counters; until shut down.
+func (l *loop) run() {
+	defer close(l.done)
+	defer l.closeFDs()
+	stopping := false
+	for {
+		n, err := unix.EpollWait(l.epfd, l.events, l.timeout())
+		if err != nil && err != unix.EINTR {
+			l.p.log.Error("event loop stopped", "loop", l.id, "err", err)
+			l.closeAll()
+			l.finishBatch()
+			l.flushCounters()
+			return
+		}
+		l.now = l.tick()
+		for i := 0; i < n; i++ {
+			ev := &l.events[i]
+			switch {
+			case ev.Pad == kindConn:
+				l.dispatch(ev.Fd, ev.Events)
+			case ev.Pad == kindWake:
+				var b [8]byte
+				unix.Read(l.wake, b[:])
+			default:
+				l.ready[ev.Pad-kindListener] = true
+			}
+		}
+		l.wheel.advance(l.now, l.expire)
+		l.finishBatch()
+		// Accept after the batch, never in it: a new fd may reuse the
+		// number of one closed in the batch whose events are still
+		// queued behind.
+		for i, r := range l.ready {
+			if r {
+				l.ready[i] = false
+				l.acceptFrom(&l.listeners[i])
+			}
+		}
+		if l.now != l.flushedAt {
+			l.flushCounters()
+		}
+		switch l.p.state.Load() {
+		case stateRunning:
+		case stateDraining:
+			if !stopping {
+				stopping = true
+				l.closeListeners()
+			}
+			if l.active.Load() == 0 {
+				l.flushCounters()
+				return
+			}
+		default: // stateForce
+			l.closeListeners()
+			l.closeAll()
+			l.finishBatch()
+			l.flushCounters()
+			return
+		}
+	}
+}
+
+// timeout is the epoll_wait timeout: until the next tick while timers are
+// armed or counters wait to be flushed, else forever (the wake eventfd
+// interrupts it).
+func (l *loop) timeout() int {
+	if l.wheel.n == 0 && !l.dirty() {
+		return -1
+	}
+	d := time.Duration(l.wheel.cur)*tickDuration - time.Since(l.start)
+	if d <= 0 {
+		return 0
+	}
+	return int((d + time.Millisecond - 1) / time.Millisecond)
+}
+
+// dispatch routes an event on a connection fd to its stage.
+func (l *loop) dispatch(fd int32, ev uint32) {
+	if fd < 0 || int(fd) >= len(l.p.table) {
+		return
+	}
+	c := l.p.table[fd].Load()
+	if c == nil || c.owner != l.id {
+		// Closed earlier in this batch.
+		return
+	}
+	isDev := fd == c.dev
+	switch c.state {
+	case stPeek:
+		if isDev {
+			l.peek(c)
+		}
+	case stDial:
+		if !isDev {
+			l.dialDone(c)
+		}
+	case stReplay:
+		if !isDev {
+			l.replayWrite(c)
+		}
+	case stRelay:
+		l.relay(c, isDev, ev)
+	case stLinger:
+		if isDev {
+			l.linger(c)
+		}
+	}
+}
+
+// finishBatch closes the fds of connections closed during the batch.
+func (l *loop) finishBatch() {
+	for _, fd := range l.closing {
+		unix.Close(fd)
+	}
+	l.closing = l.closing[:0]
+}
+
+// acceptFrom accepts up to acceptBatch devices from one listener.
+func (l *loop) acceptFrom(ln *listener) {
+	for range acceptBatch {
+		if ln.fd < 0 {
+			return
+		}
+		fd, sa, err := unix.Accept4(ln.fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		switch err {
+		case nil:
+			l.accept(fd, sa)
+		case unix.EAGAIN:
+			return
+		case unix.EINTR, unix.ECONNABORTED:
+		case unix.EMFILE, unix.ENFILE:
+			if !l.shed(ln) {
+				return
+			}
+		default:
+			if ok, _ := l.p.acceptLog.Allow("accept"); ok {
+				l.p.log.Error("accept", "listen", ln.addr, "err", err)
+			}
+			return
+		}
+	}
+}
+
+// shed accepts one pending connection and closes it at once, using the spare
+// fd: with no fd left the listener stays readable and a level-triggered loop
+// would spin on it. It reports whether a connection was shed.
+func (l *loop) shed(ln *listener) bool {
+	if l.spare < 0 {
+		return false
+	}
+	unix.Close(l.spare)
+	l.spare = -1
+	fd, _, err := unix.Accept4(ln.fd, unix.SOCK_CLOEXEC)
+	if err == nil {
+		unix.Close(fd)
+		l.p.metrics.AcceptsShed.Inc()
+	}
+	l.spare, _ = unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if ok, _ := l.p.acceptLog.Allow("shed"); ok {
+		l.p.log.Error("out of file descriptors: shedding new connections", "listen", ln.addr)
+	}
+	return err == nil
+}
+
+// closeAll closes every connection of this loop (forced shutdown).
+func (l *loop) closeAll() {
+	for i := range l.p.table {
+		if c := l.p.table[i].Load(); c != nil && c.owner == l.id {
+			if c.state == stPeek || c.state == stDial || c.state == stReplay {
+				l.p.metrics.reject(reasonShutdown)
+			}
+			l.closeConn(c)
+		}
+	}
+}
+
+// lend returns a relay buffer for a direction under backpressure.
+func (l *loop) lend() *pend {
+	l.lent++
+	if n := len(l.free); n > 0 {
+		p := l.free[n-1]
+		l.free = l.free[:n-1]
+		return p
+	}
+	return &pend{buf: make([]byte, relayBufSize)}
+}
+
+// giveBack returns a lent buffer.
+func (l *loop) giveBack(p *pend) {
+	l.lent--
+	p.off, p.end = 0, 0
+	if len(l.free) < maxFreeBufs {
+		l.free = append(l.free, p)
+	}
+}
+
+// newHandshake returns a cleared handshake record.
+func (l *loop) newHandshake() *handshake {
+	if n := len(l.freeHS); n > 0 {
+		hs := l.freeHS[n-1]
+		l.freeHS = l.freeHS[:n-1]
+		return hs
+	}
+	return &handshake{}
+}
+
+// freeHandshake keeps a handshake record (and a small peek buffer) for the
+// next connection.
+func (l *loop) freeHandshake(hs *handshake) {
+	if len(l.freeHS) >= maxFreeHandshakes {
+		return
+	}
+	peek := hs.peek[:0]
+	if cap(peek) > keptPeek {
+		peek = nil
+	}
+	*hs = handshake{peek: peek}
+	l.freeHS = append(l.freeHS, hs)
+}
+
+// activeGaugeFor returns the connections_active series of an instance.
+func (l *loop) activeGaugeFor(shard int, id string) *activeGauge {
+	k := gaugeKey{shard, id}
+	g := l.gauges[k]
+	if g == nil {
+		g = &activeGauge{g: l.p.metrics.ConnectionsActive.WithLabelValues(strconv.Itoa(shard), id)}
+		l.gauges[k] = g
+	}
+	return g
+}
+
+func (l *loop) dirty() bool {
+	return l.bytesUp|l.bytesDown|l.pktUp|l.pktDown|l.idleCloses != 0 || l.lent != l.lentFlushed
+}
+
+// flushCounters adds the loop's counters to the Prometheus metrics.
+func (l *loop) flushCounters() {
+	l.flushedAt = l.now
+	if !l.dirty() {
+		return
+	}
+	m := l.p.metrics
+	if l.bytesUp != 0 {
+		m.up.Add(float64(l.bytesUp))
+	}
+	if l.bytesDown != 0 {
+		m.down.Add(float64(l.bytesDown))
+	}
+	if l.pktUp != 0 {
+		m.pktUp.Add(float64(l.pktUp))
+	}
+	if l.pktDown != 0 {
+		m.pktDown.Add(float64(l.pktDown))
+	}
+	if l.idleCloses != 0 {
+		m.IdleCloses.Add(float64(l.idleCloses))
+	}
+	if l.lent != l.lentFlushed {
+		m.RelayBuffers.Add(float64(l.lent - l.lentFlushed))
+		l.lentFlushed = l.lent
+	}
+	l.bytesUp, l.bytesDown, l.pktUp, l.pktDown, l.idleCloses = 0, 0, 0, 0, 0
+}

@@ -1,0 +1,291 @@
+// Package proxy is shardgate's connection engine: it accepts devices, reads
+// their MQTT CONNECT, routes the client ID to a broker shard, admits, dials
+// the broker, replays the CONNECT and relays bytes both ways.
+//
+// The relay is an event loop per core over raw nonblocking sockets and
+// level-triggered epoll (DESIGN.md, "A connection's life in the proxy"): no
+// goroutine per connection, no buffer per idle connection. A connection is a
+// small record in an fd-indexed table; the loop reads into one shared buffer
+// and lends a buffer to a connection only while its peer cannot take bytes.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"runtime"
+	"sync"
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/shardgate/shardgate/backend"
+)
+
+// Options are what New needs.
+type Options struct {
+	// Config must have its defaults filled in (SetDefaults; LoadConfig
+	// does it); New validates it.
+	Config *Config
+	// Router holds the current backend snapshot; the loops read it per
+	// connect.
+	Router *backend.Router
+	// Registry receives the proxy's metrics. Nil: they are not registered.
+	Registry prometheus.Registerer
+	// Log receives the proxy's logs. Nil: slog.Default().
+	Log *slog.Logger
+}
+
+// Proxy states, in Proxy.state.
+const (
+	stateRunning  int32 = iota
+	stateDraining       // not accepting; connections finish on their own
+	stateForce          // close everything now
+)
+
+// settings are the parts of the Config the loops read per connection,
+// converted once (durations to ticks) and never changed, so a caller that
+// edits its Config later cannot race with the loops.
+type settings struct {
+	connectTicks uint32  // connect.timeout
+	dialTicks    uint32  // dial.timeout
+	maxIdleTicks uint32  // keepalive.max_idle, for keepalive 0; 0 = never
+	kaFactor     float64 // keepalive.factor
+	maxConnect   int     // connect.max_size
+	maxClientID  int     // connect.max_client_id_length
+	emptyReject  bool    // empty_client_id: reject
+	proxyV2      bool    // proxy_protocol.send: v2
+}
+
+func newSettings(cfg *Config, d *Dialer) settings {
+	return settings{
+		connectTicks: max(ticksFor(cfg.Connect.Timeout.D()), 1),
+		dialTicks:    max(ticksFor(d.Timeout()), 1),
+		maxIdleTicks: ticksFor(cfg.Keepalive.MaxIdle.D()),
+		kaFactor:     cfg.Keepalive.Factor,
+		maxConnect:   int(cfg.Connect.MaxSize),
+		maxClientID:  cfg.Connect.MaxClientIDLength,
+		emptyReject:  cfg.EmptyClientID == "reject",
+		proxyV2:      cfg.ProxyProtocol.Send == "v2",
+	}
+}
+
+// Proxy is the running connection engine. Create it with New, then Start.
+type Proxy struct {
+	cfg       *Config
+	set       settings
+	router    *backend.Router
+	log       *slog.Logger
+	metrics   *Metrics
+	dialer    *Dialer
+	admission *Admission
+	admitLog  *SampledLog // refusals by admission
+	dialLog   *SampledLog // backend dial failures
+	acceptLog *SampledLog // accept errors
+
+	// table maps an fd to its connection. fds are process-wide numbers,
+	// so one table serves every loop; an entry is written and read only by
+	// the loop that owns the fd (the atomics keep the race detector and
+	// the memory model happy when a number moves from one loop to another
+	// through close and accept).
+	table []atomic.Pointer[conn]
+
+	loops []*loop
+	addrs []netip.AddrPort
+
+	state   atomic.Int32
+	start   sync.Once
+	started atomic.Bool
+	wakeMu  sync.Mutex // guards the loops' wake fds against close
+}
+
+// New validates the options, creates the metrics, and binds every listener
+// of every loop, so an address in use fails here, named.
+func New(o Options) (*Proxy, error) {
+	if o.Config == nil {
+		return nil, errors.New("proxy: no config")
+	}
+	if o.Router == nil {
+		return nil, errors.New("proxy: no router")
+	}
+	cfg := o.Config
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log := o.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	dialer, err := NewDialer(DialConfig{SourceAddrs: cfg.SourceAddrs(), Timeout: cfg.Dial.Timeout.D()})
+	if err != nil {
+		return nil, fmt.Errorf("config: dial: %w", err)
+	}
+	acfg := AdmissionConfig{Rate: cfg.Admission.Rate, Burst: cfg.Admission.Burst, PerSourceMax: cfg.Admission.PerSourceMax}
+	if err := acfg.Validate(); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	m, err := NewMetrics(o.Registry)
+	if err != nil {
+		return nil, err
+	}
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil {
+		return nil, fmt.Errorf("proxy: getrlimit: %w", err)
+	}
+	p := &Proxy{
+		cfg:       cfg,
+		set:       newSettings(cfg, dialer),
+		router:    o.Router,
+		log:       log,
+		metrics:   m,
+		dialer:    dialer,
+		admission: NewAdmission(acfg, max(cfg.Shards, o.Router.Load().Shards())),
+		admitLog:  NewSampledLog(log, cfg.Admission.LogInterval.D()),
+		dialLog:   NewSampledLog(log, cfg.Admission.LogInterval.D()),
+		acceptLog: NewSampledLog(log, cfg.Admission.LogInterval.D()),
+		table:     make([]atomic.Pointer[conn], min(rl.Cur, 1<<24)),
+	}
+	loops := cfg.EventLoops
+	if loops <= 0 {
+		loops = runtime.NumCPU()
+	}
+	for i := range loops {
+		l, err := newLoop(p, i)
+		if err != nil {
+			p.closeLoops()
+			return nil, err
+		}
+		p.loops = append(p.loops, l)
+	}
+	// The first loop binds each address (resolving port 0); the others
+	// join it with SO_REUSEPORT on the resolved port.
+	for _, a := range cfg.ListenAddrs() {
+		bound := a
+		for i, l := range p.loops {
+			fd, got, err := listenSocket(bound)
+			if err != nil {
+				p.closeLoops()
+				return nil, fmt.Errorf("proxy: %w", err)
+			}
+			if i == 0 {
+				bound = got
+				p.addrs = append(p.addrs, got)
+			}
+			if err := l.addListener(listener{fd: fd, addr: got}); err != nil {
+				unix.Close(fd)
+				p.closeLoops()
+				return nil, fmt.Errorf("proxy: %w", err)
+			}
+		}
+	}
+	return p, nil
+}
+
+// closeLoops closes the fds of loops that never ran.
+func (p *Proxy) closeLoops() {
+	for _, l := range p.loops {
+		l.closeFDs()
+	}
+	p.closeWake()
+}
+
+// Start runs the event loops. It returns at once.
+func (p *Proxy) Start() {
+	p.start.Do(func() {
+		if p.state.Load() != stateRunning {
+			return
+		}
+		p.started.Store(true)
+		for _, l := range p.loops {
+			go l.run()
+		}
+		// No eBPF steering yet: the kernel's SO_REUSEPORT hash spreads
+		// new connections over the loops' listeners.
+		p.log.Info("event loops running", "loops", len(p.loops), "listen", p.addrs,
+			"reuseport", "kernel hash")
+	})
+}
+
+// Addrs returns the listen addresses, with port 0 resolved.
+func (p *Proxy) Addrs() []netip.AddrPort { return append([]netip.AddrPort(nil), p.addrs...) }
+
+// Active returns the number of connections the proxy holds, relaying or
+// still in their handshake.
+func (p *Proxy) Active() int {
+	n := int64(0)
+	for _, l := range p.loops {
+		n += l.active.Load()
+	}
+	return int(n)
+}
+
+// Metrics returns the proxy's metrics.
+func (p *Proxy) Metrics() *Metrics { return p.metrics }
+
+// Admission returns the proxy's admission control, for reconfiguration on
+// reload (Admission.Reconfigure).
+func (p *Proxy) Admission() *Admission { return p.admission }
+
+// Router returns the router the proxy routes with.
+func (p *Proxy) Router() *backend.Router { return p.router }
+
+// Shutdown stops accepting at once, lets connected devices finish until ctx
+// is done, then closes the rest. It returns when every loop has exited: nil
+// if every connection ended on its own, else ctx's error. Calling it again
+// waits for the same end.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.state.CompareAndSwap(stateRunning, stateDraining)
+	p.start.Do(func() {}) // a later Start does nothing
+	if !p.started.Load() {
+		p.closeLoops()
+		return nil
+	}
+	p.wakeAll()
+	done := make(chan struct{})
+	go func() {
+		for _, l := range p.loops {
+			<-l.done
+		}
+		close(done)
+	}()
+	select {
+	case <-done:
+		p.closeWake()
+		return nil
+	case <-ctx.Done():
+	}
+	p.state.Store(stateForce)
+	p.wakeAll()
+	<-done
+	p.closeWake()
+	return ctx.Err()
+}
+
+// wakeAll interrupts every loop's epoll_wait.
+func (p *Proxy) wakeAll() {
+	one := []byte{1, 0, 0, 0, 0, 0, 0, 0}
+	p.wakeMu.Lock()
+	defer p.wakeMu.Unlock()
+	for _, l := range p.loops {
+		if l.wake >= 0 {
+			unix.Write(l.wake, one)
+		}
+	}
+}
+
+// closeWake closes the loops' eventfds once they have exited. They are not
+// closed by the loops themselves, so wakeAll never writes to a number that
+// was closed and reused.
+func (p *Proxy) closeWake() {
+	p.wakeMu.Lock()
+	defer p.wakeMu.Unlock()
+	for _, l := range p.loops {
+		if l.wake >= 0 {
+			unix.Close(l.wake)
+			l.wake = -1
+		}
+	}
+}

@@ -445,6 +445,11 @@ func (c *Config) Validate() error {
 	return nil
 }
 
+// AdmissionConfig is the admission settings this config describes.
+func (c *Config) AdmissionConfig() AdmissionConfig {
+	return AdmissionConfig{Rate: c.Admission.Rate, Burst: c.Admission.Burst, PerSourceMax: c.Admission.PerSourceMax}
+}
+
 // ListenAddrs returns the parsed listen addresses (valid after Validate).
 func (c *Config) ListenAddrs() []netip.AddrPort {
 	out := make([]netip.AddrPort, 0, len(c.Listen))

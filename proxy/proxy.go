@@ -123,7 +123,7 @@ func New(o Options) (*Proxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config: dial: %w", err)
 	}
-	acfg := AdmissionConfig{Rate: cfg.Admission.Rate, Burst: cfg.Admission.Burst, PerSourceMax: cfg.Admission.PerSourceMax}
+	acfg := cfg.AdmissionConfig()
 	if err := acfg.Validate(); err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}

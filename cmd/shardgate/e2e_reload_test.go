@@ -58,7 +58,7 @@ func TestE2ESighupReloadsBackends(t *testing.T) {
 	next.backends = append(append([]e2eBackend(nil), cfg.backends...), e2eBackend{id: "m0b", addr: standby.addr(), shard: 0, priority: 1})
 	px.writeConfig(t, next.yaml())
 	px.signal(t, syscall.SIGHUP)
-	px.waitLog(t, e2eWait, "SIGHUP: backends and health checks reloaded")
+	px.waitLog(t, e2eWait, "SIGHUP: backends, health checks and admission reloaded")
 	e2eWaitFor(t, "/api/v1/backends lists 4 healthy instances, m0 active for shard 0, m0b its standby", e2eWait, func() (bool, string) {
 		b := px.backends(t)
 		ok := len(b.Instances) == 4

@@ -118,7 +118,7 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 			srcDone = nil
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				reloadProxy(reload, src, log)
+				reloadProxy(reload, src, px, log)
 				continue
 			}
 			log.Info("stopping: no new devices; waiting for connected devices", "signal", sig.String(), "grace", cfg.Shutdown.Grace.D(), "active", px.Active())
@@ -143,9 +143,10 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 	}
 }
 
-// reloadProxy applies a re-read configuration's backends and health checks.
-// Other fields need a restart; a change to them is logged, not applied.
-func reloadProxy(reload func() (*proxy.Config, error), src *backend.Static, log *slog.Logger) {
+// reloadProxy applies a re-read configuration's backends, health checks and
+// admission limits.
+// Other fields need a restart.
+func reloadProxy(reload func() (*proxy.Config, error), src *backend.Static, px *proxy.Proxy, log *slog.Logger) {
 	if reload == nil {
 		log.Warn("SIGHUP: this proxy has no configuration file to reload")
 		return
@@ -161,7 +162,8 @@ func reloadProxy(reload func() (*proxy.Config, error), src *backend.Static, log 
 		log.Error("SIGHUP: backends not reloaded", "err", err)
 		return
 	}
-	log.Info("SIGHUP: backends and health checks reloaded", "backends", len(next.Backends.Static))
+	px.Admission().Reconfigure(next.AdmissionConfig(), next.Shards)
+	log.Info("SIGHUP: backends, health checks and admission reloaded", "backends", len(next.Backends.Static))
 }
 
 func healthyCount(s *backend.Snapshot) int {

@@ -44,72 +44,32 @@ type Config struct {
 	// "reject" (CONNACK identifier rejected).
 	EmptyClientID string `yaml:"empty_client_id"`
 
-	Backends      BackendsConfig      `yaml:"backends"`
-	Health        HealthConfig        `yaml:"health"`
-	Connect       ConnectConfig       `yaml:"connect"`
-	Admission     AdmissionSettings   `yaml:"admission"`
-	Dial          DialSettings        `yaml:"dial"`
-	Keepalive     KeepaliveConfig     `yaml:"keepalive"`
-	ProxyProtocol ProxyProtocolConfig `yaml:"proxy_protocol"`
-	Shutdown      ShutdownConfig      `yaml:"shutdown"`
-	Log           LogConfig           `yaml:"log"`
+	Backends BackendsConfig `yaml:"backends"`
+	// Health configures the active checks of static backends: type
+	// (tcp, mqtt, none; default tcp), interval (2s), timeout (1s), rise
+	// (2), fall (3). Defaults and validation are backend.HealthConfig's.
+	Health        backend.HealthConfig `yaml:"health"`
+	Connect       ConnectConfig        `yaml:"connect"`
+	Admission     AdmissionSettings    `yaml:"admission"`
+	Dial          DialSettings         `yaml:"dial"`
+	Keepalive     KeepaliveConfig      `yaml:"keepalive"`
+	ProxyProtocol ProxyProtocolConfig  `yaml:"proxy_protocol"`
+	Shutdown      ShutdownConfig       `yaml:"shutdown"`
+	Log           LogConfig            `yaml:"log"`
 }
 
 // BackendsConfig names where the broker instances come from.
 type BackendsConfig struct {
-	// Static lists broker instances by IP:port.
-	Static []StaticBackend `yaml:"static"`
-}
-
-// StaticBackend is one broker instance of backends.static.
-type StaticBackend struct {
-	// ID identifies the instance; unique. Required.
-	ID string `yaml:"id"`
-	// Address is IP:port; never a host name (no DNS on the hot path).
-	Address string `yaml:"address"`
-	// Shard is the logical shard the instance serves (0-based). Omitted:
-	// the instance has no shard and is balanced by rendezvous hashing.
-	Shard *int `yaml:"shard"`
-	// Priority orders instances of one shard: lower is preferred. Default 0.
-	Priority int `yaml:"priority"`
-}
-
-// HealthConfig configures active checks of static backends; the defaults
-// and their validation are backend.HealthConfig's.
-type HealthConfig struct {
-	// Type is "tcp" (default: connect), "mqtt" (CONNECT, expect CONNACK) or
-	// "none" (every instance is always healthy).
-	Type string `yaml:"type"`
-	// Interval between checks of one instance. Default 2s.
-	Interval Duration `yaml:"interval"`
-	// Timeout of one check. Default 1s.
-	Timeout Duration `yaml:"timeout"`
-	// Rise is the number of consecutive passing checks that make an
-	// instance healthy. Default 2.
-	Rise int `yaml:"rise"`
-	// Fall is the number of consecutive failing checks that make an
-	// instance unhealthy. Default 3.
-	Fall int `yaml:"fall"`
+	// Static lists broker instances: id (unique), address (IP:port, never
+	// a host name: no DNS on the hot path), shard (0-based; omitted: no
+	// shard) and priority (lower preferred, default 0).
+	Static []backend.StaticInstance `yaml:"static"`
 }
 
 // StaticConfig is the backend source configuration this config describes.
 func (c *Config) StaticConfig() backend.StaticConfig {
 	pol, _ := backend.ParsePolicy(c.NoInstance)
-	sc := backend.StaticConfig{
-		Shards:     c.Shards,
-		NoInstance: pol,
-		Health: backend.HealthConfig{
-			Type:     c.Health.Type,
-			Interval: c.Health.Interval.D(),
-			Timeout:  c.Health.Timeout.D(),
-			Rise:     c.Health.Rise,
-			Fall:     c.Health.Fall,
-		},
-	}
-	for _, b := range c.Backends.Static {
-		sc.Instances = append(sc.Instances, backend.StaticInstance{ID: b.ID, Address: b.Address, Shard: b.Shard, Priority: b.Priority})
-	}
-	return sc
+	return backend.StaticConfig{Shards: c.Shards, NoInstance: pol, Instances: c.Backends.Static, Health: c.Health}
 }
 
 // StaticSnapshot builds a snapshot of the static backends with every

@@ -113,7 +113,7 @@ func startProxy(t *testing.T, s proxySetup) *testProxy {
 	t.Helper()
 	cfg := &Config{Listen: []string{"127.0.0.1:0"}, EventLoops: 2, Shards: s.shards}
 	for _, in := range s.instances {
-		sb := StaticBackend{ID: in.ID, Address: in.Addr.String()}
+		sb := backend.StaticInstance{ID: in.ID, Address: in.Addr.String()}
 		if in.Shard >= 0 && s.shards > 0 {
 			sh := in.Shard
 			sb.Shard = &sh

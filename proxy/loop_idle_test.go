@@ -118,7 +118,7 @@ func TestIdleFootprint(t *testing.T) {
 func idleChild() {
 	broker := netip.MustParseAddrPort(os.Getenv("SHARDGATE_IDLE_CHILD"))
 	cfg := &Config{Listen: []string{"127.0.0.1:0"},
-		Backends: BackendsConfig{Static: []StaticBackend{{ID: "m", Address: broker.String()}}}}
+		Backends: BackendsConfig{Static: []backend.StaticInstance{{ID: "m", Address: broker.String()}}}}
 	cfg.SetDefaults()
 	snap := backend.NewSnapshot(0, []backend.Instance{inst("m", broker, -1)}, backend.SnapshotOptions{})
 	p, err := New(Options{Config: cfg, Router: backend.NewRouter(snap),

@@ -607,7 +607,7 @@ func TestListenError(t *testing.T) {
 	}
 	defer ln.Close()
 	cfg := &Config{Listen: []string{ln.Addr().String()},
-		Backends: BackendsConfig{Static: []StaticBackend{{ID: "b", Address: "127.0.0.1:1"}}}}
+		Backends: BackendsConfig{Static: []backend.StaticInstance{{ID: "b", Address: "127.0.0.1:1"}}}}
 	cfg.SetDefaults()
 	snap := backend.NewSnapshot(0, nil, backend.SnapshotOptions{})
 	_, err = New(Options{Config: cfg, Router: backend.NewRouter(snap)})

@@ -154,15 +154,14 @@ const MaxConnackSize = 64 << 10
 // packet. ErrNeedMore while b holds less than the whole packet; *Error if b
 // does not start with a well-formed CONNACK.
 func ParseConnack(b []byte, level byte) (sessionPresent bool, code byte, n int, err error) {
-	typ, flags, total, err := FixedHeader(b)
-	if err != nil {
-		if err == ErrNeedMore && len(b) > 0 && b[0] != CONNACK<<4 {
-			return false, 0, 0, errConnackType
-		}
-		return false, 0, 0, err
-	}
-	if typ != CONNACK || flags != 0 {
+	// The first byte decides, whatever follows it: a prefix never
+	// answers differently from the whole.
+	if len(b) > 0 && b[0] != CONNACK<<4 {
 		return false, 0, 0, errConnackType
+	}
+	_, _, total, err := FixedHeader(b)
+	if err != nil {
+		return false, 0, 0, err
 	}
 	if total > MaxConnackSize {
 		return false, 0, 0, ErrTooLarge

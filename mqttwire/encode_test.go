@@ -222,6 +222,13 @@ func TestParseConnack(t *testing.T) {
 		{name: "header only", raw: []byte{0x20}, level: Level311, err: ErrNeedMore},
 		{name: "body cut", raw: []byte{0x20, 0x02, 0x00}, level: Level311, err: ErrNeedMore},
 		{name: "not a CONNACK", raw: []byte{0x30}, level: Level311, err: errConnackType},
+		{
+			// Refused on its first byte, as any prefix of it is: not
+			// for the malformed length behind it.
+			name:  "not a CONNACK, with a malformed length",
+			raw:   []byte{0x30, 0x98, 0x98, 0x98, 0x98, 0x30},
+			level: Level5, err: errConnackType,
+		},
 		{name: "CONNACK with flags", raw: []byte{0x21, 0x02, 0x00, 0x00}, level: Level311, err: errConnackType},
 		{name: "3.1.1 length 3", raw: []byte{0x20, 0x03, 0x00, 0x00, 0x00}, level: Level311, err: errConnackLength},
 		{name: "3.1.1 reserved flags", raw: []byte{0x20, 0x02, 0x02, 0x00}, level: Level311, err: errConnackFlags},

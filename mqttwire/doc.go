@@ -1,9 +1,11 @@
 // Package mqttwire is the small MQTT wire codec shardgate needs on the
 // connection path: it reads the first packet a device sends (CONNECT) well
 // enough to route the connection by client ID, writes the few packets the
-// proxy itself sends (CONNACK refusals, DISCONNECT), builds CONNECT packets
-// for health probes and the load generator, and tracks packet boundaries in
-// a relayed byte stream without decoding or copying it.
+// proxy itself sends (CONNACK refusals, DISCONNECT), reads the Server Keep
+// Alive an MQTT 5 broker may put in its CONNACK (ParseConnackProperties),
+// builds CONNECT packets for health probes and the load generator, and
+// tracks packet boundaries in a relayed byte stream without decoding or
+// copying it.
 //
 // # Three answers
 //

@@ -87,6 +87,7 @@ var (
 	errStringNull         = &Error{MalformedPacket, "string contains U+0000 [MQTT-1.5.3-2]"}
 	errPropLength         = &Error{MalformedPacket, "property length does not fit the packet"}
 	errPropUnknown        = &Error{MalformedPacket, "property not valid in CONNECT (MQTT 5 §2.2.2.2)"}
+	errPropNotConnack     = &Error{MalformedPacket, "property not valid in CONNACK (MQTT 5 §2.2.2.2)"}
 	errPropDuplicate      = &Error{ProtocolError, "property included more than once"}
 	errPropValue          = &Error{ProtocolError, "property value out of range"}
 	errAuthDataNoMethod   = &Error{ProtocolError, "authentication data without authentication method"}

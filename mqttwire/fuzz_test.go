@@ -180,3 +180,67 @@ func TestFuzzHelpers(t *testing.T) {
 		t.Fatalf("%d %v", n, bad)
 	}
 }
+
+// FuzzConnackProperties feeds ParseConnackProperties, which the relay runs
+// on every MQTT 5 broker's first bytes: it must never panic, never claim
+// more bytes than it was given, agree with ParseConnack on the packet, give
+// the same answer for any prefix (or ask for more) and whatever follows the
+// packet, and read an accepted CONNACK as the broker engine's decoder does.
+func FuzzConnackProperties(f *testing.F) {
+	for _, tc := range connackFixtures {
+		f.Add(tc.raw)
+	}
+	if b, err := readHexFile(capturedConnack); err == nil {
+		f.Add(b)
+	}
+	for _, r := range []ReasonCode{Success, ServerBusy, NotAuthorized} {
+		f.Add(AppendConnack(nil, Level5, true, r))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p, err := ParseConnackProperties(b)
+		switch e := err.(type) {
+		case nil:
+			if p.Len <= 0 || p.Len > len(b) || p.Len > MaxConnackSize {
+				t.Fatalf("Len %d, input %d", p.Len, len(b))
+			}
+			present, code, n, cerr := ParseConnack(b, Level5)
+			if cerr != nil || present != p.SessionPresent || ReasonCode(code) != p.Reason || n != p.Len {
+				t.Fatalf("ParseConnack (%v, %#x, %d, %v), ours %+v", present, code, n, cerr, p)
+			}
+			if !p.HasServerKeepAlive && p.ServerKeepAlive != 0 {
+				t.Fatalf("keepalive %d without the property", p.ServerKeepAlive)
+			}
+		case *Error:
+			if p != (ConnackProperties{}) {
+				t.Fatalf("%v with %+v", e, p)
+			}
+		default:
+			if err != ErrNeedMore || p != (ConnackProperties{}) {
+				t.Fatalf("unexpected (%+v, %T %v)", p, err, err)
+			}
+		}
+
+		// Bytes after a packet do not change the answer about it.
+		if _, _, total, herr := FixedHeader(b); herr == nil && total < len(b) {
+			p2, err2 := ParseConnackProperties(b[:total])
+			if err2 != err || p2 != p {
+				t.Fatalf("whole input (%+v, %v), its first packet (%+v, %v)", p, err, p2, err2)
+			}
+		}
+
+		// A prefix is the same answer or a request for more bytes.
+		for i := 0; i < len(b) && i < 300; i++ {
+			pp, errp := ParseConnackProperties(b[:i])
+			if errp == ErrNeedMore {
+				continue
+			}
+			if errp != err || pp != p {
+				t.Fatalf("prefix %d answers (%+v, %v), whole input (%+v, %v)", i, pp, errp, p, err)
+			}
+		}
+
+		if err == nil {
+			compareMochiConnack(t, b, p)
+		}
+	})
+}

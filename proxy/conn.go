@@ -61,10 +61,10 @@ type conn struct {
 	bkEv    uint8
 	level   uint8 // MQTT protocol level of the CONNECT
 
-	// lastDev is the loop tick at which the device last sent a byte;
+	// lastDev is the loop tick in which the device last sent a byte;
 	// kaTicks the silence allowed (0: unlimited). The keepalive timer is
 	// not moved on every read: when it fires early it re-arms itself at
-	// lastDev+kaTicks.
+	// idleDue.
 	lastDev uint32
 	kaTicks uint32
 
@@ -111,13 +111,18 @@ type activeGauge struct{ g prometheus.Gauge }
 // may destroy the CONNACK before the device read it.
 const lingerTicks = 20
 
+// maxTicks caps every duration the loop turns into ticks (3.4 years): a
+// deadline a tick past it, compared with the wheel's position as an int32
+// difference, still lies in the future.
+const maxTicks = math.MaxInt32 / 2
+
 // ticksFor converts a duration to whole ticks, rounding up.
 func ticksFor(d time.Duration) uint32 {
 	if d <= 0 {
 		return 0
 	}
 	t := (d + tickDuration - 1) / tickDuration
-	return uint32(min(t, math.MaxUint32/2))
+	return uint32(min(t, maxTicks))
 }
 
 // ---- accept --------------------------------------------------------------
@@ -386,13 +391,26 @@ func (l *loop) relayStart(c *conn) {
 		l.closeConn(c)
 		return
 	}
-	if c.kaTicks > 0 {
-		l.wheel.reset(&c.timer, l.now+c.kaTicks)
-	} else {
-		l.wheel.remove(&c.timer)
-	}
+	l.armKeepalive(c)
 	l.syncInterest(c)
 }
+
+// armKeepalive sets the keepalive timer of a relaying connection from its
+// device's last byte, or disarms it when the silence allowed is unlimited.
+func (l *loop) armKeepalive(c *conn) {
+	if c.kaTicks == 0 {
+		l.wheel.remove(&c.timer)
+		return
+	}
+	l.wheel.reset(&c.timer, c.idleDue())
+}
+
+// idleDue is the tick at which the device's silence exceeds kaTicks. lastDev
+// is the tick in which its last byte was read, up to a whole tick after that
+// tick began, so the allowance counts from the tick's end: counted from
+// lastDev itself, a device was cut up to one tick before 1.5 × its keepalive
+// had passed, which [MQTT-3.1.2-24] does not allow.
+func (c *conn) idleDue() uint32 { return c.lastDev + 1 + c.kaTicks }
 
 // relay handles an epoll event on either socket of a relaying connection.
 // HUP and ERR wake whichever operation is waited for; the read or write then
@@ -622,7 +640,7 @@ func (l *loop) expire(t *timer) {
 	case stDial, stReplay:
 		l.dialFailed(c, unix.ETIMEDOUT)
 	case stRelay:
-		if due := c.lastDev + c.kaTicks; int32(due-l.now) > 0 {
+		if due := c.idleDue(); int32(due-l.now) > 0 {
 			// The device spoke since the timer was set.
 			l.wheel.add(t, due)
 			return

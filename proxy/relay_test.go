@@ -253,6 +253,15 @@ func stallAndDrain(t *testing.T, p *testProxy, writer, reader *net.TCPConn) int 
 
 // A device silent for longer than 1.5 × its keepalive is cut off
 // [MQTT-3.1.2-24]; bytes from the broker do not count as the device's.
+//
+// This is a behaviour test, not a timing benchmark. The lower bound is
+// exact: the proxy read the PINGREQ after the device wrote it, so it may not
+// close before 1.5 s after that write whatever the scheduler does. The upper
+// bound only has to tell the keepalive from no close at all: the precise
+// tick is pinned by TestKeepaliveCutOneTickEarly on a virtual clock, and in
+// one full run the close was seen 3.3 s late, a stall of the test process
+// (the loop is woken every 200 ms by the broker's bytes here, so no timer
+// path can be that late; see that test's comment).
 func TestKeepaliveClose(t *testing.T) {
 	p, b := oneRawBackend(t, nil)
 	dev := dialProxy(t, p.addr)
@@ -262,9 +271,9 @@ func TestKeepaliveClose(t *testing.T) {
 	readFull(t, bk, len(connect))
 	// The device talks once more, then falls silent.
 	time.Sleep(300 * time.Millisecond)
+	last := time.Now()
 	dev.Write([]byte{0xc0, 0x00}) // PINGREQ
 	readFull(t, bk, 2)
-	last := time.Now()
 	// The broker keeps talking; that does not keep the device alive.
 	stop := make(chan struct{})
 	defer close(stop)
@@ -278,20 +287,22 @@ func TestKeepaliveClose(t *testing.T) {
 			}
 		}
 	}()
-	dev.SetReadDeadline(time.Now().Add(5 * time.Second))
+	const limit = 10 * time.Second
+	dev.SetReadDeadline(last.Add(limit))
 	buf := make([]byte, 64)
 	for {
 		_, err := dev.Read(buf)
 		if err != nil {
 			if ne, ok := err.(net.Error); ok && ne.Timeout() {
-				t.Fatal("connection not closed within 5 s")
+				t.Fatalf("connection not closed within %v", limit)
 			}
 			break
 		}
 	}
 	silent := time.Since(last)
-	if silent < 1400*time.Millisecond || silent > 3*time.Second {
-		t.Fatalf("closed after %v of silence, want ~1.5 s", silent)
+	t.Logf("closed after %v of silence", silent)
+	if silent < 1500*time.Millisecond {
+		t.Fatalf("closed after %v of silence, before 1.5 × the keepalive", silent)
 	}
 	counterIs(t, "idle_closes_total", p.metrics.IdleCloses, 1)
 	eventually(t, "connection forgotten", func() bool { return p.Active() == 0 })

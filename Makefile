@@ -5,13 +5,15 @@
 #
 # `make test` runs as root on a fresh Debian 12 machine: it installs Redis,
 # Mosquitto and iproute2 from Debian's packages when they are missing.
+#
+#   make consul builds the real Consul agent the tests run (bin/consul)
 
 GO       ?= go
 BIN      := bin/shardgate
 PKGS     := ./...
 FUZZTIME ?= 10s
 
-.PHONY: all build run test deps vet unit fuzz bench-idle generate clean
+.PHONY: all build run test deps consul vet unit fuzz bench-idle generate clean
 
 all: build
 
@@ -33,6 +35,42 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	$(GO) mod download
+
+# consul builds the real Consul agent that internal/consultest runs, from
+# the Go module proxy through the small module in tools/consul. The build
+# takes minutes, so the binary is kept outside the clone (CI runs a fresh
+# clone on the same machine) and rebuilt only when tools/consul or these
+# flags change; bin/consul links to it. Override the place with
+# CONSUL_CACHE=/path/to/consul. By default it is /var/cache/shardgate/...,
+# or ~/.cache/shardgate/... where /var/cache is not writable.
+CONSUL_VERSION := v1.14.11
+CONSUL_CACHE   ?=
+CONSUL_LDFLAGS := -s -w -X github.com/hashicorp/consul/version.BuildDate=2023-10-31T18:07:09Z
+
+consul:
+	@set -e; \
+	cache='$(CONSUL_CACHE)'; \
+	if [ -z "$$cache" ]; then \
+		dir=/var/cache/shardgate; \
+		mkdir -p "$$dir" 2>/dev/null && [ -w "$$dir" ] || dir="$${XDG_CACHE_HOME:-$$HOME/.cache}/shardgate"; \
+		cache="$$dir/consul-$(CONSUL_VERSION)/consul"; \
+	fi; \
+	key=$$(cat tools/consul/go.mod tools/consul/go.sum tools/consul/main.go | \
+		{ cat; echo '$(CONSUL_LDFLAGS)'; } | sha256sum | cut -c1-16); \
+	if [ -x "$$cache" ] && [ "$$(cat "$$cache.key" 2>/dev/null)" = "$$key" ]; then \
+		echo "consul: cached $$cache"; \
+	else \
+		echo "consul: building $(CONSUL_VERSION) into $$cache (a few minutes, once per machine)"; \
+		mkdir -p "$$(dirname "$$cache")"; \
+		tmp="$$cache.tmp.$$$$"; trap 'rm -f "$$tmp"' EXIT; \
+		start=$$(date +%s); \
+		(cd tools/consul && CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(CONSUL_LDFLAGS)' -o "$$tmp" .); \
+		mv -f "$$tmp" "$$cache"; echo "$$key" > "$$cache.key"; \
+		echo "consul: built in $$(( $$(date +%s) - start ))s"; \
+	fi; \
+	mkdir -p bin; ln -sfn "$$cache" bin/consul; \
+	bin/consul version | head -n1 | grep -qx 'Consul $(CONSUL_VERSION)' || \
+		{ echo "consul: bin/consul is not Consul $(CONSUL_VERSION)"; exit 1; }
 
 vet:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfe[lb]\.go$$')); \

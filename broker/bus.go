@@ -214,7 +214,19 @@ func (b *LocalBus) Publish(origin string, pk packets.Packet) error {
 // plan decides which instances get the message for topic, and which of them
 // serves each matching shared subscription group.
 func (b *LocalBus) plan(origin, topic string, members map[string]Receiver) map[string]*Delivery {
-	subs := b.routes.Subscribers(topic) // MQTT matching rules, $share and $-topics included [MQTT-4.7.2-1]
+	return planDelivery(b.routes, origin, topic, func(instance string) bool {
+		_, ok := members[instance]
+		return ok
+	})
+}
+
+// planDelivery is the routing decision every Bus makes, over a route table
+// in which the "client" of each subscription is an instance: the instances
+// (members of the fleet, per member) that get a message for topic published
+// on origin, and which of them serves each matching shared subscription
+// group.
+func planDelivery(routes *mqtt.TopicsIndex, origin, topic string, member func(string) bool) map[string]*Delivery {
+	subs := routes.Subscribers(topic) // MQTT matching rules, $share and $-topics included [MQTT-4.7.2-1]
 	var plan map[string]*Delivery
 	get := func(instance string) *Delivery {
 		if plan == nil {
@@ -229,7 +241,7 @@ func (b *LocalBus) plan(origin, topic string, members map[string]Receiver) map[s
 	}
 
 	for instance := range subs.Subscriptions {
-		if _, ok := members[instance]; ok && instance != origin {
+		if instance != origin && member(instance) {
 			get(instance).Plain = true
 		}
 	}
@@ -241,7 +253,7 @@ func (b *LocalBus) plan(origin, topic string, members map[string]Receiver) map[s
 	for group, byInstance := range subs.Shared {
 		holders = holders[:0]
 		for instance := range byInstance {
-			if _, ok := members[instance]; ok {
+			if member(instance) {
 				holders = append(holders, instance)
 			}
 		}

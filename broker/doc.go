@@ -15,6 +15,11 @@
 //
 // The embedded mode (StartEmbedded) runs several shards in one process with
 // the in-process implementations, LocalBus and MemorySessions, for
-// `shardgate demo`. A networked deployment fills the same interfaces with
-// Redis.
+// `shardgate demo`. A networked deployment (Start: one instance of one
+// shard per process) fills the same interfaces with Redis: RedisBus (a
+// per-instance route table, per-instance pub/sub channels, retained
+// messages in one hash) and RedisSessions (ownership with generations, and
+// the state of persistent sessions, written by the broker's own hook and
+// loaded on demand when a device connects to an instance that does not
+// hold its session, so a shard's standby takes over without loss).
 package broker

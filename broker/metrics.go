@@ -7,10 +7,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Metrics of the embedded fleet, one series per shard. Embedded is a
-// prometheus.Collector: register it once on the registry that serves
-// /metrics (it registers nothing by itself, so two fleets in one process
-// cannot collide).
+// Metrics of the embedded fleet (one series per shard) and of a broker
+// instance. Embedded and Instance are prometheus.Collectors: register one
+// once on the registry that serves /metrics (they register nothing by
+// themselves, so two in one process cannot collide).
 var (
 	descBusReceived = prometheus.NewDesc("shardgate_broker_bus_received_total",
 		"Messages the cross-shard bus delivered into the shard (one per message, however many local subscribers match).", []string{"shard"}, nil)
@@ -40,10 +40,15 @@ var (
 		"Messages dropped because a client's write queue was full.", []string{"shard"}, nil)
 )
 
-var _ prometheus.Collector = (*Embedded)(nil)
+var (
+	_ prometheus.Collector = (*Embedded)(nil)
+	_ prometheus.Collector = (*Instance)(nil)
+)
 
-// Describe implements prometheus.Collector.
-func (e *Embedded) Describe(ch chan<- *prometheus.Desc) {
+var descSessionsLoaded = prometheus.NewDesc("shardgate_broker_sessions_loaded_total",
+	"Sessions loaded from Redis when their device connected to the shard (held before by another instance, or by this one before a restart).", []string{"shard"}, nil)
+
+func describeNode(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		descBusReceived, descBusSent, descBusRetained, descBusErrors, descRoutes,
 		descTakenOver, descSessErrors,
@@ -54,29 +59,51 @@ func (e *Embedded) Describe(ch chan<- *prometheus.Desc) {
 	}
 }
 
+// Describe implements prometheus.Collector.
+func (e *Embedded) Describe(ch chan<- *prometheus.Desc) { describeNode(ch) }
+
 // Collect implements prometheus.Collector.
 func (e *Embedded) Collect(ch chan<- prometheus.Metric) {
 	for _, n := range e.nodes {
-		shard := strconv.Itoa(n.shard)
-		counter := func(d *prometheus.Desc, v uint64) {
-			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), shard)
-		}
-		gauge := func(d *prometheus.Desc, v int64) {
-			ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, float64(v), shard)
-		}
-		info := n.srv.Info
-		counter(descBusReceived, n.received.Load())
-		counter(descBusSent, n.sent.Load())
-		counter(descBusRetained, n.retained.Load())
-		counter(descBusErrors, n.busErrs.Load())
-		gauge(descRoutes, int64(n.routeCount()))
-		counter(descTakenOver, n.takenOver.Load())
-		counter(descSessErrors, n.sessErrs.Load())
-		gauge(descClients, atomic.LoadInt64(&info.ClientsConnected))
-		gauge(descSubscriptions, atomic.LoadInt64(&info.Subscriptions))
-		gauge(descRetainedMsgs, atomic.LoadInt64(&info.Retained))
-		counter(descMsgsReceived, uint64(atomic.LoadInt64(&info.MessagesReceived)))
-		counter(descMsgsSent, uint64(atomic.LoadInt64(&info.MessagesSent)))
-		counter(descMsgsDropped, uint64(atomic.LoadInt64(&info.MessagesDropped)))
+		collectNode(ch, n)
 	}
+}
+
+// Describe implements prometheus.Collector. Register an Instance once on
+// the registry that serves /metrics.
+func (i *Instance) Describe(ch chan<- *prometheus.Desc) {
+	describeNode(ch)
+	ch <- descSessionsLoaded
+}
+
+// Collect implements prometheus.Collector.
+func (i *Instance) Collect(ch chan<- prometheus.Metric) {
+	collectNode(ch, i.n)
+	ch <- prometheus.MustNewConstMetric(descSessionsLoaded, prometheus.CounterValue,
+		float64(i.n.sessionsLoaded.Load()), strconv.Itoa(i.n.shard))
+}
+
+// collectNode reports one instance's series.
+func collectNode(ch chan<- prometheus.Metric, n *node) {
+	shard := strconv.Itoa(n.shard)
+	counter := func(d *prometheus.Desc, v uint64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), shard)
+	}
+	gauge := func(d *prometheus.Desc, v int64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, float64(v), shard)
+	}
+	info := n.srv.Info
+	counter(descBusReceived, n.received.Load())
+	counter(descBusSent, n.sent.Load())
+	counter(descBusRetained, n.retained.Load())
+	counter(descBusErrors, n.busErrs.Load())
+	gauge(descRoutes, int64(n.routeCount()))
+	counter(descTakenOver, n.takenOver.Load())
+	counter(descSessErrors, n.sessErrs.Load())
+	gauge(descClients, atomic.LoadInt64(&info.ClientsConnected))
+	gauge(descSubscriptions, atomic.LoadInt64(&info.Subscriptions))
+	gauge(descRetainedMsgs, atomic.LoadInt64(&info.Retained))
+	counter(descMsgsReceived, uint64(atomic.LoadInt64(&info.MessagesReceived)))
+	counter(descMsgsSent, uint64(atomic.LoadInt64(&info.MessagesSent)))
+	counter(descMsgsDropped, uint64(atomic.LoadInt64(&info.MessagesDropped)))
 }

@@ -44,15 +44,17 @@ type node struct {
 	sessions SessionStore
 	unwatch  func()
 	sessMu   sync.Mutex
-	holding  map[string]*mqtt.Client // client id → the client that claimed its session here
+	holding  map[string]*mqtt.Client   // client id → the client that claimed its session here
+	restored map[*mqtt.Client][]uint16 // clients whose session was loaded from the store, until the CONNACK: packet ids to send again, in order
 
 	received atomic.Uint64 // deliveries the bus made into this instance
 	sent     atomic.Uint64 // messages this instance handed to the bus
 	retained atomic.Uint64 // retained messages stored here by the bus without delivery
 	busErrs  atomic.Uint64 // failed bus operations
 
-	takenOver atomic.Uint64 // sessions ended here because another instance claimed them
-	sessErrs  atomic.Uint64 // failed session store operations
+	takenOver      atomic.Uint64 // sessions ended here because another instance claimed them
+	sessErrs       atomic.Uint64 // failed session store operations
+	sessionsLoaded atomic.Uint64 // sessions loaded from the store when their device connected
 }
 
 // assignment is what the bus delivery in progress through one bridge may
@@ -67,8 +69,15 @@ type nodeConfig struct {
 	Instance string
 	Bus      Bus
 	Sessions SessionStore
+	// State stores the state of persistent sessions so that they move
+	// between instances; nil keeps it in the engine only (embedded fleet).
+	State    *RedisSessions
 	Listener net.Listener
-	Log      *slog.Logger
+	// Auth authenticates clients and checks ACLs; nil allows everything.
+	Auth mqtt.Hook
+	// Hooks are added after the broker's own.
+	Hooks []mqtt.Hook
+	Log   *slog.Logger
 }
 
 // mochiOptions are the engine settings every instance uses (DESIGN.md,
@@ -104,6 +113,7 @@ func newNode(cfg nodeConfig) (*node, error) {
 		routes:   make(map[string]map[string]struct{}),
 		sessions: cfg.Sessions,
 		holding:  make(map[string]*mqtt.Client),
+		restored: make(map[*mqtt.Client][]uint16),
 	}
 	n.srv = mqtt.New(mochiOptions(slog.New(demoteInfo{cfg.Log.Handler()}).With("engine", "mochi")))
 
@@ -120,14 +130,23 @@ func newNode(cfg nodeConfig) (*node, error) {
 		n.bridges <- cl
 	}
 
-	if err := n.srv.AddHook(new(allowHook), nil); err != nil {
-		return nil, fmt.Errorf("shard %d: add auth hook: %w", n.shard, err)
+	// mochi allows a connection or a topic when any hook does, so the
+	// allow-all hook is only there when no Auth hook is.
+	auth := cfg.Auth
+	if auth == nil {
+		auth = new(allowHook)
 	}
-	if err := n.srv.AddHook(&busHook{n: n}, nil); err != nil {
-		return nil, fmt.Errorf("shard %d: add bus hook: %w", n.shard, err)
+	// Order matters: the session hook claims a session before the persist
+	// hook loads it.
+	hooks := []mqtt.Hook{auth, &busHook{n: n}, &sessionHook{n: n}}
+	if cfg.State != nil {
+		hooks = append(hooks, &persistHook{n: n, st: cfg.State})
 	}
-	if err := n.srv.AddHook(&sessionHook{n: n}, nil); err != nil {
-		return nil, fmt.Errorf("shard %d: add session hook: %w", n.shard, err)
+	hooks = append(hooks, cfg.Hooks...)
+	for _, h := range hooks {
+		if err := n.srv.AddHook(h, nil); err != nil {
+			return nil, fmt.Errorf("shard %d: add hook %s: %w", n.shard, h.ID(), err)
+		}
 	}
 	n.ln = newListener("shard"+strconv.Itoa(n.shard), cfg.Listener, cfg.Log)
 	if err := n.srv.AddListener(n.ln); err != nil {

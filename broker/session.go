@@ -151,7 +151,20 @@ func (h *sessionHook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
 	}
 	if previous != "" {
 		n.log.Debug("session taken over from another instance", "client", cl.ID, "from", previous)
+		// Another instance has held the session since this one did: a
+		// copy left here (its takeover notification not yet handled, or
+		// lost) is stale and must not be inherited.
+		if old, ok := n.srv.Clients.Get(cl.ID); ok && old != cl {
+			n.endSession(old)
+		}
 	}
+}
+
+// holds reports whether cl is the client that holds its session here.
+func (n *node) holds(cl *mqtt.Client) bool {
+	n.sessMu.Lock()
+	defer n.sessMu.Unlock()
+	return n.holding[cl.ID] == cl
 }
 
 // OnSessionEstablished runs after the client is registered with the engine:

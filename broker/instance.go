@@ -1,0 +1,197 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// DefaultListen is the MQTT listen address of a broker instance.
+const DefaultListen = ":1883"
+
+// Config configures one broker instance of a networked fleet (`shardgate
+// broker`): one shard's MQTT server, with its sessions, retained messages
+// and cross-shard routes in Redis. A shard may have several instances (an
+// active one and its standby); the proxy decides which one devices reach.
+type Config struct {
+	// InstanceID names the instance fleet-wide (the Consul node name and
+	// service ID, say). It must be unique and stable across restarts: an
+	// instance that starts clears the routes its previous life left in
+	// Redis. Required; no control characters.
+	InstanceID string
+	// Shard is the shard the instance serves, 0-based. Default 0.
+	Shard int
+	// Shards is the fleet's shard count. Default 1. Shard must be below it.
+	Shards int
+	// Listen is the MQTT listen address. Default ":1883"; port 0 picks a
+	// free port (Instance.Addr reports it). Ignored when Listener is set.
+	Listen string
+	// Listener, if set, is served instead of binding Listen (a listener
+	// wrapped for the PROXY protocol, say). Close closes it.
+	Listener net.Listener
+	// Redis is the fleet's Redis (a *redis.Client, or a
+	// *redis.ClusterClient in production). Required. The caller owns it
+	// and closes it after Close.
+	Redis redis.UniversalClient
+	// RedisKeyPrefix starts every Redis key and channel of the fleet.
+	// Default "sg".
+	RedisKeyPrefix string
+	// RedisTimeout bounds every Redis call. Default 1 s.
+	RedisTimeout time.Duration
+	// Heartbeat is how often the instance renews its liveness in Redis
+	// and checks the fleet's route table; an instance silent for 3
+	// heartbeats is dead and its routes are removed. Default 2 s.
+	Heartbeat time.Duration
+	// Auth authenticates clients (OnConnectAuthenticate) and checks topic
+	// ACLs (OnACLCheck). Default: allow every client and topic.
+	Auth mqtt.Hook
+	// Hooks are further mochi hooks, added after the broker's own.
+	Hooks []mqtt.Hook
+	// Log receives the instance's logs. Default: discard.
+	Log *slog.Logger
+}
+
+func (c Config) withDefaults() (Config, error) {
+	if err := validInstanceID(c.InstanceID); err != nil {
+		return c, fmt.Errorf("broker: Config.InstanceID: %w", err)
+	}
+	if c.Shards == 0 {
+		c.Shards = 1
+	}
+	if c.Shards < 0 {
+		return c, fmt.Errorf("broker: Config.Shards: %d is negative", c.Shards)
+	}
+	if c.Shard < 0 || c.Shard >= c.Shards {
+		return c, fmt.Errorf("broker: Config.Shard: %d is not in [0, %d)", c.Shard, c.Shards)
+	}
+	if c.Listen == "" {
+		c.Listen = DefaultListen
+	}
+	if c.Redis == nil {
+		return c, errors.New("broker: Config.Redis: required")
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	return c, nil
+}
+
+// Instance is a running broker instance.
+type Instance struct {
+	n        *node
+	addr     netip.AddrPort
+	bus      *RedisBus
+	sessions *RedisSessions
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Start binds the listener, joins the fleet in Redis (clearing routes a
+// previous life of the instance left), loads the fleet's retained messages
+// and starts serving. ctx bounds the start only; Close stops the instance.
+// On error nothing is left running.
+func Start(ctx context.Context, cfg Config) (*Instance, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	log := cfg.Log.With("shard", cfg.Shard, "instance", cfg.InstanceID)
+	opts := RedisOptions{
+		KeyPrefix: cfg.RedisKeyPrefix,
+		Timeout:   cfg.RedisTimeout,
+		Heartbeat: cfg.Heartbeat,
+		Log:       log,
+	}
+	inst := &Instance{
+		bus:      NewRedisBus(cfg.Redis, opts),
+		sessions: NewRedisSessions(cfg.Redis, opts),
+	}
+
+	pctx, cancel := context.WithTimeout(ctx, inst.sessions.timeout)
+	err = cfg.Redis.Ping(pctx).Err()
+	cancel()
+	if err != nil {
+		return nil, fmt.Errorf("broker: instance %s: redis: %w", cfg.InstanceID, err)
+	}
+
+	ln := cfg.Listener
+	if ln == nil {
+		var lc net.ListenConfig
+		// Go makes listeners MPTCP by default; the broker's peer is the
+		// proxy, over plain TCP (DESIGN.md, known pitfalls).
+		lc.SetMultipathTCP(false)
+		if ln, err = lc.Listen(ctx, "tcp", cfg.Listen); err != nil {
+			return nil, fmt.Errorf("broker: instance %s: listen on %s: %w", cfg.InstanceID, cfg.Listen, err)
+		}
+	}
+	ap, err := netip.ParseAddrPort(ln.Addr().String())
+	if err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("broker: instance %s: listen address %s: %w", cfg.InstanceID, ln.Addr(), err)
+	}
+	inst.addr = ap
+
+	n, err := newNode(nodeConfig{
+		Shard:    cfg.Shard,
+		Instance: cfg.InstanceID,
+		Bus:      inst.bus,
+		Sessions: inst.sessions,
+		State:    inst.sessions,
+		Listener: ln,
+		Auth:     cfg.Auth,
+		Hooks:    cfg.Hooks,
+		Log:      log,
+	})
+	if err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("broker: start instance %s: %w", cfg.InstanceID, err)
+	}
+	if err := n.start(); err != nil {
+		_ = ln.Close()
+		return nil, fmt.Errorf("broker: instance %s: %w", cfg.InstanceID, err)
+	}
+	inst.n = n
+	log.Info("broker instance listening", "address", ap.String())
+	return inst, nil
+}
+
+// Addr returns the MQTT listen address.
+func (i *Instance) Addr() netip.AddrPort { return i.addr }
+
+// InstanceID returns the instance's id.
+func (i *Instance) InstanceID() string { return i.n.instance }
+
+// Shard returns the shard the instance serves.
+func (i *Instance) Shard() int { return i.n.shard }
+
+// Forwarded returns how many messages the bus has delivered into this
+// instance from other instances (once per message, however many local
+// subscribers match). An instance with no matching subscriber gets none;
+// retained messages stored without a delivery are not counted.
+func (i *Instance) Forwarded() uint64 { return i.n.received.Load() }
+
+// Close leaves the fleet (routes withdrawn, so other instances stop sending
+// here), then stops the server: every client is disconnected (MQTT 5:
+// DISCONNECT 0x8B, server shutting down) and their goroutines waited for.
+// Persistent sessions stay in Redis for whichever instance their devices
+// reach next. Close is idempotent; it does not close Config.Redis.
+func (i *Instance) Close() error {
+	i.closeOnce.Do(func() {
+		i.n.leave()
+		i.closeErr = i.n.close()
+	})
+	return i.closeErr
+}

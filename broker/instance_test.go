@@ -3,12 +3,16 @@ package broker
 import (
 	"context"
 	"fmt"
+	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	paho5 "github.com/eclipse/paho.golang/paho"
+	paho3 "github.com/eclipse/paho.mqtt.golang"
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
@@ -408,4 +412,137 @@ func TestRoutesRebuiltAfterRestartAndDeath(t *testing.T) {
 	waitRoute(t, "s1", "live/+", s0)
 	sub.Disconnect(100)
 	waitUntil(t, "route withdrawn", func() bool { return !s0.bus.hasRoute("s1", "live/+") })
+}
+
+// During a drain, one shard's devices sit on two instances: a device still
+// on the old instance and one already on the standby exchange messages both
+// ways, because routes are kept per instance, not per shard.
+func TestDrainBothInstancesOfAShard(t *testing.T) {
+	f := newRedisFleet(t)
+	old, standby := f.start("s0-a", 0, 1), f.start("s0-b", 0, 1)
+
+	onOld, onNew := newSink(), newSink()
+	x := client311(t, old.Addr(), "x", true, onOld)
+	subscribe311(t, x, "to/x", 1)
+	y := client311(t, standby.Addr(), "y", true, onNew)
+	subscribe311(t, y, "to/y", 1)
+	waitRoute(t, "s0-a", "to/x", standby)
+	waitRoute(t, "s0-b", "to/y", old)
+
+	publish311(t, x, "to/y", 1, false, "from x")
+	publish311(t, y, "to/x", 1, false, "from y")
+	if m := onNew.exactly(t, 1)[0]; m.Payload != "from x" {
+		t.Errorf("y got %+v", m)
+	}
+	if m := onOld.exactly(t, 1)[0]; m.Payload != "from y" {
+		t.Errorf("x got %+v", m)
+	}
+}
+
+// Two connections with one client id racing to two instances end with
+// exactly one live connection.
+func TestRedisConcurrentConnectsKeepOneSession(t *testing.T) {
+	f := newRedisFleet(t)
+	insts := []*Instance{f.start("s0-a", 0, 1), f.start("s0-b", 0, 1)}
+	live := func(id string) int {
+		n := 0
+		for _, i := range insts {
+			if cl, ok := i.n.srv.Clients.Get(id); ok && !cl.Closed() {
+				n++
+			}
+		}
+		return n
+	}
+	for round := range 10 {
+		id := fmt.Sprintf("racer-%d", round)
+		var wg sync.WaitGroup
+		clients := make([]paho3.Client, 2)
+		for i, inst := range insts {
+			wg.Go(func() {
+				opts := paho3.NewClientOptions().AddBroker("tcp://" + inst.Addr().String()).
+					SetClientID(id).SetCleanSession(round%2 == 0).SetAutoReconnect(false).SetConnectTimeout(waitFor)
+				c := paho3.NewClient(opts)
+				c.Connect().WaitTimeout(waitFor)
+				clients[i] = c
+			})
+		}
+		wg.Wait()
+		waitUntil(t, id+" live on exactly one instance, one client connected", func() bool {
+			open := 0
+			for _, c := range clients {
+				if c.IsConnectionOpen() {
+					open++
+				}
+			}
+			return live(id) == 1 && open == 1
+		})
+		for _, c := range clients {
+			if c.IsConnectionOpen() {
+				c.Disconnect(0)
+			}
+		}
+	}
+}
+
+// Close disconnects every client, leaves the fleet (its routes and
+// liveness key are gone from Redis) and leaves no goroutine behind.
+func TestInstanceCloseLeavesNothing(t *testing.T) {
+	f := newRedisFleet(t)
+	before := runtime.NumGoroutine()
+	inst, err := Start(context.Background(), Config{
+		InstanceID: "closer", Listen: "127.0.0.1:0", Redis: f.rdb, RedisKeyPrefix: f.prefix, Heartbeat: testHeartbeat,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := client311(t, inst.Addr(), "c", false, nil)
+	subscribe311(t, c, "a/b", 1)
+	if err := inst.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := inst.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	waitUntil(t, "client sees the disconnect", func() bool { return !c.IsConnectionOpen() })
+	ctx := context.Background()
+	if n := f.rdb.Exists(ctx, f.keys.instanceKeys("closer")...).Val(); n != 0 {
+		t.Errorf("%d instance keys left in Redis", n)
+	}
+	if f.rdb.SIsMember(ctx, f.keys.instances(), "closer").Val() {
+		t.Error("instance still registered")
+	}
+	// The persistent session stays, for whichever instance the device
+	// reaches next.
+	if !f.rdb.HExists(ctx, f.keys.clientKeys("c")[1], "a/b").Val() {
+		t.Error("persistent session's subscription lost at Close")
+	}
+	deadline := time.Now().Add(waitFor)
+	for runtime.NumGoroutine() > before && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if now := runtime.NumGoroutine(); now > before {
+		var b strings.Builder
+		_ = pprof.Lookup("goroutine").WriteTo(&b, 1)
+		t.Fatalf("%d goroutines before Start, %d after Close:\n%s", before, now, b.String())
+	}
+}
+
+func TestStartConfig(t *testing.T) {
+	rdb := redisClient(t)
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+		want string
+	}{
+		{"no instance id", Config{Redis: rdb}, "Config.InstanceID"},
+		{"control character", Config{InstanceID: "a\nb", Redis: rdb}, "Config.InstanceID"},
+		{"no redis", Config{InstanceID: "x"}, "Config.Redis"},
+		{"shard out of range", Config{InstanceID: "x", Shard: 3, Shards: 3, Redis: rdb}, "Config.Shard"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := Start(context.Background(), tc.cfg); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want one naming %s", err, tc.want)
+			}
+		})
+	}
 }

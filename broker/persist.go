@@ -120,7 +120,15 @@ func (h *persistHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 		h.failed("load session", cl, err)
 		return
 	}
-	if !o.Load || !stored.Present {
+	if !stored.Present {
+		return
+	}
+	if !o.Load {
+		// mochi takes the copy in memory over: order its resend by the
+		// queue order stored here (see orderInflight).
+		if old, ok := h.n.srv.Clients.Get(cl.ID); ok && old != cl {
+			orderInflight(old, stored.Order)
+		}
 		return
 	}
 	h.restore(cl, stored)

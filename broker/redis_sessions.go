@@ -216,12 +216,14 @@ type storedSession struct {
 	Present  bool
 	Subs     []packets.Subscription
 	Messages []packets.Packet // in the order they were queued
+	Order    []uint16         // the packet ids of the stored messages, in that order
 }
 
 // openScript runs when a client connects, after its claim. It decides
 // whether the stored session survives (not expired, no clean start), marks
 // the session connected with its new expiry interval, and returns the
-// subscriptions, the message order and the messages.
+// subscriptions, the message order and the messages (only the order when
+// not loading).
 //
 // KEYS: session, subs, queue, order. ARGV: generation, clean (1/0),
 // persistent (1/0), expiry interval in s, now in ms, load (1/0).
@@ -245,7 +247,7 @@ else
 end
 for i = 1, 4 do redis.call('PERSIST', KEYS[i]) end
 if not present then return {0} end
-if ARGV[6] ~= '1' then return {1} end
+if ARGV[6] ~= '1' then return {1, {}, redis.call('ZRANGE', KEYS[4], 0, -1), {}} end
 return {1, redis.call('HGETALL', KEYS[2]), redis.call('ZRANGE', KEYS[4], 0, -1), redis.call('HGETALL', KEYS[3])}
 `)
 
@@ -299,6 +301,9 @@ func (s *RedisSessions) open(ctx context.Context, instance, clientID string, o o
 	now := time.Now().Unix()
 	for _, v := range order {
 		id, _ := v.(string)
+		if n, err := strconv.ParseUint(id, 10, 16); err == nil {
+			out.Order = append(out.Order, uint16(n))
+		}
 		b, ok := byID[id]
 		if !ok {
 			continue

@@ -2,7 +2,9 @@ package broker
 
 import (
 	"bytes"
+	"cmp"
 	"context"
+	"slices"
 	"sync"
 	"time"
 
@@ -133,7 +135,7 @@ func (h *sessionHook) Provides(b byte) bool {
 // the CONNACK: the claim ends the client's session on any other instance
 // first. The client is recorded as this instance's holder before the claim,
 // so that a claim by another instance racing this one finds it.
-func (h *sessionHook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
+func (h *sessionHook) OnSessionEstablish(cl *mqtt.Client, pk packets.Packet) {
 	n := h.n
 	n.sessMu.Lock()
 	n.holding[cl.ID] = cl
@@ -142,14 +144,13 @@ func (h *sessionHook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
 	ctx, cancel := context.WithTimeout(context.Background(), sessionTimeout)
 	defer cancel()
 	previous, err := n.sessions.Claim(ctx, cl.ID, n.instance)
-	if err != nil {
+	switch {
+	case err != nil:
 		// Keep serving: a device is better served with a possible
 		// duplicate session than refused.
 		n.sessErrs.Add(1)
 		n.log.Warn("claim session", "client", cl.ID, "error", err)
-		return
-	}
-	if previous != "" {
+	case previous != "":
 		n.log.Debug("session taken over from another instance", "client", cl.ID, "from", previous)
 		// Another instance has held the session since this one did: a
 		// copy left here (its takeover notification not yet handled, or
@@ -157,6 +158,55 @@ func (h *sessionHook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
 		if old, ok := n.srv.Clients.Get(cl.ID); ok && old != cl {
 			n.endSession(old)
 		}
+	}
+	// mochi takes a copy still in memory over and resends its messages; a
+	// persist hook orders them again by the store's queue order.
+	if old, ok := n.srv.Clients.Get(cl.ID); ok && old != cl && !pk.Connect.Clean {
+		orderInflight(old, nil)
+	}
+}
+
+// orderInflight makes mochi resend cl's in-flight messages in the order
+// they were queued [MQTT-4.6.0-1] when another connection takes the
+// session over. mochi's resend sorts them by uint16(Created), a time in
+// seconds, with an unstable sort, so the messages of one second go out in
+// any order. The messages are sorted by their place in order (the
+// session's queue order, from the store) and then by creation time and
+// packet id (allocated in increasing order), and their Created times are
+// renumbered base, base+1, … with base a multiple of 65536 not after the
+// oldest. Nothing else reads an in-flight message's Created while
+// MaximumMessageExpiryInterval is 0 (mochiOptions), so the renumbering
+// only orders the resend.
+func orderInflight(cl *mqtt.Client, order []uint16) {
+	msgs := cl.State.Inflight.GetAll(false)
+	if len(msgs) < 2 {
+		return
+	}
+	rank := make(map[uint16]int, len(order))
+	for i, id := range order {
+		rank[id] = i
+	}
+	oldest := msgs[0].Created
+	for _, pk := range msgs {
+		oldest = min(oldest, pk.Created)
+	}
+	slices.SortStableFunc(msgs, func(a, b packets.Packet) int {
+		ra, okA := rank[a.PacketID]
+		rb, okB := rank[b.PacketID]
+		switch {
+		case okA && okB:
+			return cmp.Compare(ra, rb)
+		case okA:
+			return -1
+		case okB:
+			return 1
+		}
+		return cmp.Or(cmp.Compare(a.Created, b.Created), cmp.Compare(a.PacketID, b.PacketID))
+	})
+	base := oldest - oldest%65536
+	for i, pk := range msgs {
+		pk.Created = base + int64(i)
+		cl.State.Inflight.Set(pk)
 	}
 }
 

@@ -89,6 +89,8 @@ func mochiOptions(log *slog.Logger) *mqtt.Options {
 	caps.MaximumClientWritesPending = 128
 	// The default drops retained and queued messages after 24 h whatever
 	// their own Message Expiry Interval says [MQTT-3.3.2-5]; 0 turns it off.
+	// orderInflight relies on it: with it off, nothing but the resend order
+	// reads an in-flight message's Created time.
 	caps.MaximumMessageExpiryInterval = 0
 	// Else user properties of a PUBLISH are copied onto its PUBACK, which
 	// some clients reject.

@@ -14,6 +14,9 @@ import (
 
 // RedisOptions configures the Redis side of a broker fleet (RedisBus and
 // RedisSessions). Every instance of a fleet must use the same KeyPrefix.
+// Redis 6.2 or later (SET … GET in a script); tested with 7.0. Every
+// multi-key script touches the keys of one hash tag, so a Redis Cluster
+// serves them too.
 type RedisOptions struct {
 	// KeyPrefix starts every key and channel name, so that several fleets
 	// (or test runs) can share one Redis. Default "sg".

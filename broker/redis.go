@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
-	"github.com/redis/go-redis/v9"
 	"github.com/vmihailenco/msgpack/v5"
 )
 
@@ -255,7 +254,3 @@ func decodeSubscription(b []byte) (packets.Subscription, error) {
 func expired(pk packets.Packet, now int64) bool {
 	return pk.Expiry > 0 && pk.Expiry < now
 }
-
-// scriptRunner is what the scripts run on: a single client, a cluster
-// client or a pipeline.
-type scriptRunner = redis.Scripter

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -475,16 +474,4 @@ func (s *RedisSessions) fenced(err error, what, clientID string) error {
 	default:
 		return fmt.Errorf("%s of %q: %w", what, clientID, err)
 	}
-}
-
-// claimed returns the client ids instance holds claims on, sorted (tests).
-func (s *RedisSessions) claimed(instance string) []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var ids []string
-	for id := range s.claims[instance] {
-		ids = append(ids, id)
-	}
-	slices.Sort(ids)
-	return ids
 }

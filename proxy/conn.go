@@ -34,6 +34,7 @@ const (
 	fDownEOF                    // the broker sent FIN
 	fUpShut                     // FIN passed on to the broker (shutdown SHUT_WR)
 	fDownShut                   // FIN passed on to the device
+	fConnack                    // MQTT 5: the broker's CONNACK is still to be read (watchConnack)
 )
 
 // epoll interest of one fd, as kept in conn.devEv / conn.bkEv. 0 means the
@@ -49,7 +50,8 @@ const (
 // the broker's. Both fds map to the same conn in the proxy's fd table. It is
 // owned by one loop and touched only by it. It holds no buffer while idle:
 // up/down are lent only while a peer cannot take bytes, hs only until the
-// CONNECT is replayed.
+// CONNECT is replayed (and, rarely, while an MQTT 5 broker's CONNACK arrives
+// in pieces).
 type conn struct {
 	timer // first field: connOf converts a fired *timer back
 
@@ -72,7 +74,7 @@ type conn struct {
 
 	up, down *pend // bytes read but not yet written, by direction
 
-	hs    *handshake   // peek, dial and replay state; nil once relaying
+	hs    *handshake   // peek, dial and replay state; nil once relaying, but see collectConnack
 	gauge *activeGauge // connections_active series, set when relaying
 
 	src netip.Addr // device address, for Admission.Release
@@ -84,8 +86,10 @@ func connOf(t *timer) *conn { return (*conn)(unsafe.Pointer(t)) }
 
 // handshake is what a connection needs from accept until its CONNECT has been
 // replayed; it is dropped then, so a relaying connection does not carry it.
+// A relaying MQTT 5 connection whose broker's CONNACK ends beyond one read
+// borrows one again for the CONNACK's bytes (collectConnack).
 type handshake struct {
-	peek     []byte // everything read from the device so far, replayed as is
+	peek     []byte // everything read from the device so far, replayed as is; or the CONNACK so far
 	off      int    // bytes of peek already written to the broker
 	hdr      int    // length of the PROXY header at the start of peek, once added
 	connLen  int    // length of the CONNECT at the start of the device's bytes
@@ -170,15 +174,23 @@ func (l *loop) peek(c *conn) {
 	}
 	hs.connLen = cn.Len
 	c.level = cn.Level
-	if cn.KeepAlive == 0 {
-		c.kaTicks = l.p.set.maxIdleTicks
-	} else {
-		// [MQTT-3.1.2-24] the server disconnects a client silent for
-		// one and a half times its keepalive.
-		ka := time.Duration(cn.KeepAlive) * time.Second
-		c.kaTicks = ticksFor(time.Duration(float64(ka) * l.p.set.kaFactor))
-	}
+	c.kaTicks = l.kaTicksFor(cn.KeepAlive)
 	l.route(c, &cn)
+}
+
+// kaTicksFor is the silence allowed to a device whose keepalive is secs
+// seconds: [MQTT-3.1.2-24] the server disconnects a client silent for one
+// and a half times its keepalive (keepalive.factor); keepalive 0 is
+// keepalive.max_idle (default unlimited, 0).
+func (l *loop) kaTicksFor(secs uint16) uint32 {
+	if secs == 0 {
+		return l.p.set.maxIdleTicks
+	}
+	d := float64(secs) * float64(time.Second) * l.p.set.kaFactor
+	if d >= float64(maxTicks)*float64(tickDuration) {
+		return maxTicks // a factor so large the Duration would overflow
+	}
+	return ticksFor(time.Duration(d))
 }
 
 // peekFailed refuses a device whose first bytes are not an acceptable
@@ -391,6 +403,9 @@ func (l *loop) relayStart(c *conn) {
 		l.closeConn(c)
 		return
 	}
+	if c.level == mqttwire.Level5 {
+		c.flags |= fConnack
+	}
 	l.armKeepalive(c)
 	l.syncInterest(c)
 }
@@ -467,6 +482,9 @@ func (l *loop) relayRead(c *conn, fromDev bool) {
 		l.pktUp += uint64(k)
 	} else {
 		l.bytesDown += uint64(n)
+		if c.flags&fConnack != 0 {
+			l.watchConnack(c, b)
+		}
 		k, err = c.downF.Feed(b)
 		l.pktDown += uint64(k)
 	}
@@ -584,6 +602,107 @@ func (l *loop) syncInterest(c *conn) {
 	if l.setInterest(c, true, dev) {
 		l.setInterest(c, false, bk)
 	}
+}
+
+// ---- server keep alive -----------------------------------------------------
+
+// errNoConnack: an MQTT 5 broker's first packet was neither AUTH nor CONNACK.
+var errNoConnack = errors.New("broker's first packet is not a CONNACK")
+
+// watchConnack reads the first bytes an MQTT 5 broker sends, before they are
+// framed, for its CONNACK: a Server Keep Alive there replaces the keepalive
+// the device sent [MQTT-3.2.2-21], and the proxy enforces the one the device
+// now uses. AUTH packets of an enhanced authentication (§4.12) may come
+// first and are skipped. The CONNACK is parsed where it lies in the loop's
+// buffer, which is the whole of it on nearly every connection; only when a
+// read ends inside it are its bytes collected, at most MaxConnackSize.
+func (l *loop) watchConnack(c *conn, b []byte) {
+	if c.hs != nil {
+		l.collectConnack(c, b)
+		return
+	}
+	f := c.downF // the framing before b
+	for len(b) > 0 {
+		if !f.AtBoundary() {
+			// The rest of an AUTH packet.
+			k := f.Split(b)
+			f.Feed(b[:k])
+			b = b[k:]
+			continue
+		}
+		switch b[0] >> 4 {
+		case mqttwire.AUTH:
+			f.Feed(b[:1])
+			b = b[1:]
+		case mqttwire.CONNACK:
+			p, err := mqttwire.ParseConnackProperties(b)
+			if err == mqttwire.ErrNeedMore {
+				c.hs = l.newHandshake()
+				l.collectConnack(c, b)
+				return
+			}
+			l.serverKeepAlive(c, p, err)
+			return
+		default:
+			// [MQTT-3.2.0-1] a server's first packet is CONNACK.
+			l.serverKeepAlive(c, mqttwire.ConnackProperties{}, errNoConnack)
+			return
+		}
+	}
+}
+
+// collectConnack appends the next bytes of a CONNACK that did not end within
+// one read to c.hs.peek, no more than the packet needs, and parses it once
+// it is whole.
+func (l *loop) collectConnack(c *conn, b []byte) {
+	acc := c.hs.peek
+	for len(b) > 0 {
+		need := mqttwire.MaxFixedHeader - len(acc) // until the length is known
+		if _, _, total, err := mqttwire.FixedHeader(acc); err == nil {
+			need = total - len(acc)
+		}
+		k := min(len(b), max(need, 1))
+		acc = append(acc, b[:k]...)
+		b = b[k:]
+		p, err := mqttwire.ParseConnackProperties(acc)
+		if err != mqttwire.ErrNeedMore {
+			c.hs.peek = acc
+			l.serverKeepAlive(c, p, err)
+			return
+		}
+	}
+	c.hs.peek = acc
+}
+
+// serverKeepAlive ends the watch for the CONNACK and sets the silence
+// allowed from what it said: the Server Keep Alive of an accepting CONNACK
+// replaces the device's keepalive, 0 turning it off (keepalive.max_idle).
+// A broker whose answer cannot be read may have set any keepalive, so then
+// the device gets the longest it could have been given: the proxy never
+// cuts a device the broker keeps (and the broker still enforces its own).
+func (l *loop) serverKeepAlive(c *conn, p mqttwire.ConnackProperties, err error) {
+	c.flags &^= fConnack
+	if c.hs != nil {
+		l.freeHandshake(c.hs)
+		c.hs = nil
+	}
+	switch {
+	case err != nil:
+		c.kaTicks = longer(c.kaTicks, l.kaTicksFor(math.MaxUint16))
+	case p.Reason != mqttwire.Success || !p.HasServerKeepAlive:
+		return
+	default:
+		c.kaTicks = l.kaTicksFor(p.ServerKeepAlive)
+	}
+	l.armKeepalive(c)
+}
+
+// longer returns the longer of two allowances of silence, 0 being unlimited.
+func longer(a, b uint32) uint32 {
+	if a == 0 || b == 0 {
+		return 0
+	}
+	return max(a, b)
 }
 
 // ---- refuse / linger -------------------------------------------------------

@@ -26,8 +26,9 @@ import (
 
 const mosquittoBin = "/usr/sbin/mosquitto"
 
-// startMosquitto runs a real Mosquitto on a free loopback port for the test.
-func startMosquitto(t *testing.T) netip.AddrPort {
+// startMosquitto runs a real Mosquitto on a free loopback port for the test;
+// extra are more lines of its configuration.
+func startMosquitto(t *testing.T, extra ...string) netip.AddrPort {
 	t.Helper()
 	if _, err := os.Stat(mosquittoBin); err != nil {
 		if testing.Short() {
@@ -41,6 +42,9 @@ attempts:
 		dir := t.TempDir()
 		conf := filepath.Join(dir, "mosquitto.conf")
 		cfg := fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\n", port)
+		for _, line := range extra {
+			cfg += line + "\n"
+		}
 		if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
 			t.Fatal(err)
 		}

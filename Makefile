@@ -85,6 +85,7 @@ unit:
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseConnect$$' -fuzztime $(FUZZTIME) ./mqttwire/
 	$(GO) test -run '^$$' -fuzz '^FuzzFramer$$' -fuzztime $(FUZZTIME) ./mqttwire/
+	$(GO) test -run '^$$' -fuzz '^FuzzConnackProperties$$' -fuzztime $(FUZZTIME) ./mqttwire/
 
 test: deps vet unit fuzz
 

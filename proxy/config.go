@@ -131,9 +131,12 @@ type DialSettings struct {
 
 // KeepaliveConfig configures idle enforcement.
 type KeepaliveConfig struct {
-	// Factor multiplies a device's CONNECT keepalive: a connection silent
-	// (no byte from the device) for longer is closed. Default 1.5
-	// [MQTT-3.1.2-24].
+	// Factor multiplies a device's keepalive: a connection silent (no byte
+	// from the device) for longer is closed. Default 1.5 [MQTT-3.1.2-24].
+	// The keepalive is the CONNECT's, or for MQTT 5 the broker's Server
+	// Keep Alive when its CONNACK carries one [MQTT-3.2.2-21]; a CONNACK
+	// the proxy cannot read leaves the longest keepalive MQTT allows, so a
+	// device is never cut early (the broker still enforces its own).
 	Factor float64 `yaml:"factor"`
 	// MaxIdle closes connections whose CONNECT keepalive is 0 (disabled)
 	// after this much silence from the device. Default 0: never.

@@ -87,7 +87,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzFramer$$' -fuzztime $(FUZZTIME) ./mqttwire/
 	$(GO) test -run '^$$' -fuzz '^FuzzConnackProperties$$' -fuzztime $(FUZZTIME) ./mqttwire/
 
-test: deps vet unit fuzz
+test: deps consul vet unit fuzz
 
 # bench-idle measures the proxy's memory and fds per idle connection
 # (figures in docs/benchmarks.md).

@@ -16,8 +16,9 @@ const listenBacklog = 4096
 // socket per configured address, all bound with SO_REUSEPORT, and the kernel
 // spreads new connections over them.
 type listener struct {
-	fd   int
-	addr netip.AddrPort
+	fd     int
+	addr   netip.AddrPort
+	paused bool // out of epoll for now (loop.pauseListener)
 }
 
 // listenSocket opens a nonblocking, close-on-exec TCP listener on addr with

@@ -49,6 +49,11 @@ type loop struct {
 
 	listeners []listener
 	ready     []bool // listeners reported readable in this batch
+	// paused counts listeners taken out of epoll because the loop could
+	// neither accept nor shed (see pauseListener); they are put back at
+	// tick resumeAt.
+	paused   int
+	resumeAt uint32
 
 	buf    []byte
 	events []unix.EpollEvent
@@ -145,7 +150,9 @@ func (l *loop) closeFDs() {
 // queue of this socket are reset (or, with the other loops' sockets still
 // open, not: the kernel only queues on open ones).
 func (l *loop) closeListeners() {
+	l.paused = 0
 	for i := range l.listeners {
+		l.listeners[i].paused = false
 		if l.listeners[i].fd >= 0 {
 			if l.epfd >= 0 {
 				unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, l.listeners[i].fd, nil)
@@ -192,10 +199,13 @@ func (l *loop) run() {
 		// Accept after the batch, never in it: a new fd may reuse the
 		// number of one closed in the batch whose events are still
 		// queued behind.
+		if l.paused > 0 && int32(l.now-l.resumeAt) >= 0 {
+			l.resumeListeners()
+		}
 		for i, r := range l.ready {
 			if r {
 				l.ready[i] = false
-				l.acceptFrom(&l.listeners[i])
+				l.acceptFrom(i)
 			}
 		}
 		if l.now != l.flushedAt {
@@ -226,7 +236,7 @@ func (l *loop) run() {
 // armed or counters wait to be flushed, else forever (the wake eventfd
 // interrupts it).
 func (l *loop) timeout() int {
-	if l.wheel.n == 0 && !l.dirty() {
+	if l.wheel.n == 0 && !l.dirty() && l.paused == 0 {
 		return -1
 	}
 	d := time.Duration(l.wheel.cur)*tickDuration - time.Since(l.start)
@@ -277,8 +287,9 @@ func (l *loop) finishBatch() {
 	l.closing = l.closing[:0]
 }
 
-// acceptFrom accepts up to acceptBatch devices from one listener.
-func (l *loop) acceptFrom(ln *listener) {
+// acceptFrom accepts up to acceptBatch devices from listener i.
+func (l *loop) acceptFrom(i int) {
+	ln := &l.listeners[i]
 	for range acceptBatch {
 		if ln.fd < 0 {
 			return
@@ -292,12 +303,16 @@ func (l *loop) acceptFrom(ln *listener) {
 		case unix.EINTR, unix.ECONNABORTED:
 		case unix.EMFILE, unix.ENFILE:
 			if !l.shed(ln) {
+				l.pauseListener(i)
 				return
 			}
 		default:
+			// ENOBUFS, ENOMEM, EPERM...: the connection stays queued
+			// and the listener readable.
 			if ok, _ := l.p.acceptLog.Allow("accept"); ok {
 				l.p.log.Error("accept", "listen", ln.addr, "err", err)
 			}
+			l.pauseListener(i)
 			return
 		}
 	}
@@ -305,8 +320,13 @@ func (l *loop) acceptFrom(ln *listener) {
 
 // shed accepts one pending connection and closes it at once, using the spare
 // fd: with no fd left the listener stays readable and a level-triggered loop
-// would spin on it. It reports whether a connection was shed.
+// would spin on it. It reports whether a connection was shed. A spare lost
+// earlier (its reopen failed: another thread took the number freed) is
+// taken back first if fds have been freed since.
 func (l *loop) shed(ln *listener) bool {
+	if l.spare < 0 {
+		l.spare, _ = unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	}
 	if l.spare < 0 {
 		return false
 	}
@@ -322,6 +342,42 @@ func (l *loop) shed(ln *listener) bool {
 		l.p.log.Error("out of file descriptors: shedding new connections", "listen", ln.addr)
 	}
 	return err == nil
+}
+
+// pauseListener takes listener i out of epoll until the next tick: it is
+// readable with a connection the loop can neither accept nor shed, and a
+// level-triggered loop would otherwise spin on it (HAProxy pauses its
+// listeners the same way on EMFILE).
+func (l *loop) pauseListener(i int) {
+	ln := &l.listeners[i]
+	if ln.paused || ln.fd < 0 {
+		return
+	}
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, ln.fd, nil); err != nil {
+		return
+	}
+	ln.paused = true
+	l.paused++
+	l.resumeAt = l.now + 1
+}
+
+// resumeListeners puts paused listeners back into epoll; connections
+// waiting in their queues are reported at once (level-triggered).
+func (l *loop) resumeListeners() {
+	for i := range l.listeners {
+		ln := &l.listeners[i]
+		if !ln.paused {
+			continue
+		}
+		ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(ln.fd), Pad: kindListener + int32(i)}
+		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, ln.fd, &ev); err != nil {
+			// Try again next tick.
+			l.resumeAt = l.now + 1
+			continue
+		}
+		ln.paused = false
+		l.paused--
+	}
 }
 
 // closeAll closes every connection of this loop (forced shutdown).

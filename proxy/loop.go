@@ -219,6 +219,9 @@ func (l *loop) run() {
 				l.closeListeners()
 			}
 			if l.active.Load() == 0 {
+				// Accepts of this turn may have queued closes (a
+				// failed EPOLL_CTL_ADD) after the batch was finished.
+				l.finishBatch()
 				l.flushCounters()
 				return
 			}

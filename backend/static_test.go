@@ -9,13 +9,12 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/shardgate/shardgate/internal/servertest"
 )
 
 func intp(v int) *int { return &v }
@@ -244,7 +243,7 @@ func checkHysteresis(t *testing.T, results []InstanceStatus, id string, rise, fa
 func TestStaticTCPChecks(t *testing.T) {
 	up := listenTCP(t, "127.0.0.1:0")
 	upAddr := up.Addr().String()
-	deadAddr := closedPort(t)
+	deadAddr := servertest.FreePort(t).String()
 	cfg := StaticConfig{
 		Shards: 2,
 		Instances: []StaticInstance{
@@ -299,11 +298,11 @@ func TestStaticTCPChecks(t *testing.T) {
 // TestStaticMQTTChecks runs the MQTT probe against a real Mosquitto, kills
 // it and starts it again.
 func TestStaticMQTTChecks(t *testing.T) {
-	mosq := startMosquitto(t, 0, "")
+	mosq := servertest.Mosquitto(t, servertest.MosquittoOptions{})
 	cfg := StaticConfig{
 		Shards:     1,
 		NoInstance: Reject,
-		Instances:  []StaticInstance{{ID: "mosquitto", Address: mosq.addr, Shard: intp(0)}},
+		Instances:  []StaticInstance{{ID: "mosquitto", Address: mosq.String(), Shard: intp(0)}},
 		Health:     HealthConfig{Type: "mqtt", Interval: 50 * time.Millisecond, Timeout: 50 * time.Millisecond, Rise: 2, Fall: 3},
 	}
 	s, rec := startStatic(t, cfg)
@@ -311,17 +310,17 @@ func TestStaticMQTTChecks(t *testing.T) {
 	if snap := rec.snapshots()[0]; !healthyIn(snap, "mosquitto") {
 		t.Fatalf("first snapshot: %+v; status %+v", snap.Instances(), s.Status())
 	}
-	if r, ok := rec.snapshots()[0].Route([]byte("dev")); !ok || r.Instance.Addr.String() != mosq.addr {
+	if r, ok := rec.snapshots()[0].Route([]byte("dev")); !ok || r.Instance.Addr.String() != mosq.String() {
 		t.Fatalf("Route = %+v, %v", r, ok)
 	}
 
 	mark := rec.mark()
-	mosq.kill(t)
+	mosq.Kill()
 	rec.waitFor(t, "unhealthy after kill", 3*time.Second, func(_ []InstanceStatus, snaps []*Snapshot) bool { return !healthyIn(lastSnap(snaps), "mosquitto") })
 	if _, ok := lastSnap(rec.snapshots()).Route([]byte("dev")); ok {
 		t.Error("routed to a dead shard under reject")
 	}
-	mosq = startMosquitto(t, mosq.port, "")
+	mosq.Restart()
 	rec.waitFor(t, "healthy after restart", 5*time.Second, func(_ []InstanceStatus, snaps []*Snapshot) bool { return healthyIn(lastSnap(snaps), "mosquitto") })
 
 	rec.mu.Lock()
@@ -337,9 +336,9 @@ func TestStaticMQTTChecks(t *testing.T) {
 
 func TestMQTTProbeFailures(t *testing.T) {
 	// A real Mosquitto that refuses anonymous clients answers CONNACK 0x05.
-	auth := startMosquitto(t, 0, "allow_anonymous false\n")
+	auth := servertest.Mosquitto(t, servertest.MosquittoOptions{DenyAnonymous: true})
 	p := mqttProbe{timeout: time.Second}
-	err := p.probe(context.Background(), netip.MustParseAddrPort(auth.addr))
+	err := p.probe(context.Background(), auth.Addr())
 	if err == nil || !strings.Contains(err.Error(), "return code 0x05 (not authorized)") {
 		t.Errorf("probe of an authenticating broker = %v", err)
 	}
@@ -432,11 +431,11 @@ func TestStaticFirstSnapshotWaitsForFirstRound(t *testing.T) {
 			heldMu.Unlock()
 		}
 	}()
-	mosq := startMosquitto(t, 0, "")
+	mosq := servertest.Mosquitto(t, servertest.MosquittoOptions{})
 	const timeout = 400 * time.Millisecond
 	start := time.Now()
 	_, rec := startStatic(t, StaticConfig{
-		Instances: []StaticInstance{{ID: "mosq", Address: mosq.addr}, {ID: "hang", Address: hang.Addr().String()}},
+		Instances: []StaticInstance{{ID: "mosq", Address: mosq.String()}, {ID: "hang", Address: hang.Addr().String()}},
 		Health:    HealthConfig{Type: "mqtt", Interval: time.Second, Timeout: timeout},
 	})
 	rec.waitFor(t, "first snapshot", 3*time.Second, func(_ []InstanceStatus, snaps []*Snapshot) bool { return len(snaps) > 0 })
@@ -456,7 +455,7 @@ func TestStaticFirstSnapshotWaitsForFirstRound(t *testing.T) {
 func TestStaticNoChecks(t *testing.T) {
 	s, rec := startStatic(t, StaticConfig{
 		Shards:    3,
-		Instances: []StaticInstance{{ID: "a", Address: closedPort(t), Shard: intp(0)}, {ID: "b", Address: closedPort(t), Shard: intp(2)}},
+		Instances: []StaticInstance{{ID: "a", Address: servertest.FreePort(t).String(), Shard: intp(0)}, {ID: "b", Address: servertest.FreePort(t).String(), Shard: intp(2)}},
 		Health:    HealthConfig{Type: "none"},
 	})
 	rec.waitFor(t, "first snapshot", time.Second, func(_ []InstanceStatus, snaps []*Snapshot) bool { return len(snaps) > 0 })
@@ -539,7 +538,7 @@ func TestStaticReconfigure(t *testing.T) {
 	cfg4.Instances = []StaticInstance{
 		{ID: "a", Address: a.Addr().String(), Shard: intp(0), Priority: 2},
 		{ID: "b", Address: c.Addr().String(), Shard: intp(0), Priority: 1},
-		{ID: "d", Address: closedPort(t), Shard: intp(0), Priority: 0},
+		{ID: "d", Address: servertest.FreePort(t).String(), Shard: intp(0), Priority: 0},
 	}
 	mark := len(rec.snapshots())
 	if err := s.Reconfigure(cfg4); err != nil {
@@ -571,7 +570,7 @@ func TestStaticReconfigure(t *testing.T) {
 }
 
 func TestStaticRunTwice(t *testing.T) {
-	s, _ := startStatic(t, StaticConfig{Instances: []StaticInstance{{ID: "a", Address: closedPort(t)}}, Health: HealthConfig{Type: "none"}})
+	s, _ := startStatic(t, StaticConfig{Instances: []StaticInstance{{ID: "a", Address: servertest.FreePort(t).String()}}, Health: HealthConfig{Type: "none"}})
 	time.Sleep(20 * time.Millisecond)
 	if err := s.Run(context.Background(), func(*Snapshot) {}); err == nil {
 		t.Error("second concurrent Run succeeded")
@@ -611,85 +610,4 @@ func listenRaw(t *testing.T, addr string) net.Listener {
 		t.Fatal(err)
 	}
 	return ln
-}
-
-// closedPort returns a loopback address nothing listens on.
-func closedPort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
-
-const mosquittoBin = "/usr/sbin/mosquitto"
-
-type mosquitto struct {
-	cmd  *exec.Cmd
-	port int
-	addr string
-	out  *bytes.Buffer
-}
-
-// startMosquitto runs a real Mosquitto on 127.0.0.1:port (0: a free port)
-// with extra configuration lines, until the test ends.
-func startMosquitto(t *testing.T, port int, extra string) *mosquitto {
-	t.Helper()
-	if _, err := os.Stat(mosquittoBin); err != nil {
-		if testing.Short() {
-			t.Skipf("%s not installed (apt-get install -y mosquitto)", mosquittoBin)
-		}
-		t.Fatalf("this test needs a real Mosquitto: %v (apt-get install -y mosquitto)", err)
-	}
-	if port == 0 {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port = ln.Addr().(*net.TCPAddr).Port
-		ln.Close()
-	}
-	if extra == "" {
-		extra = "allow_anonymous true\n"
-	}
-	conf := filepath.Join(t.TempDir(), "mosquitto.conf")
-	body := fmt.Sprintf("listener %d 127.0.0.1\n%spersistence false\nlog_dest stderr\n", port, extra)
-	if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	m := &mosquitto{port: port, addr: fmt.Sprintf("127.0.0.1:%d", port), out: &bytes.Buffer{}}
-	m.cmd = exec.Command(mosquittoBin, "-c", conf)
-	m.cmd.Stdout, m.cmd.Stderr = m.out, m.out
-	if err := m.cmd.Start(); err != nil {
-		t.Fatalf("start mosquitto: %v", err)
-	}
-	t.Cleanup(func() {
-		m.kill(t)
-		if t.Failed() {
-			t.Logf("mosquitto on %s:\n%s", m.addr, m.out)
-		}
-	})
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		c, err := net.DialTimeout("tcp", m.addr, 100*time.Millisecond)
-		if err == nil {
-			c.Close()
-			return m
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("mosquitto on %s not accepting: %v\n%s", m.addr, err, m.out)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func (m *mosquitto) kill(t *testing.T) {
-	if m.cmd.ProcessState != nil {
-		return
-	}
-	m.cmd.Process.Kill()
-	m.cmd.Wait()
 }

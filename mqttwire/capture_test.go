@@ -19,6 +19,8 @@ import (
 
 	paho5 "github.com/eclipse/paho.golang/paho"
 	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/shardgate/shardgate/internal/servertest"
 )
 
 // Fixtures captured from real clients. TestCapturedGolden parses the
@@ -30,7 +32,8 @@ import (
 
 var update = flag.Bool("update", false, "rewrite testdata/captured from live clients")
 
-const mosquittoPub = "/usr/bin/mosquitto_pub"
+// mosquittoPub is Debian's MQTT client (mosquitto-clients), run from $PATH.
+const mosquittoPub = "mosquitto_pub"
 
 // capturedClient is one real client invocation and the fields its CONNECT
 // must parse to (Len is checked against the captured length instead).
@@ -304,13 +307,6 @@ func packetLevel(pkt []byte) byte {
 	return pkt[i+2+n] &^ bridgeBit
 }
 
-func requireMosquittoPub(t *testing.T) {
-	t.Helper()
-	if _, err := os.Stat(mosquittoPub); err != nil {
-		t.Fatalf("%s not found (%v): install it with `apt-get install -y mosquitto-clients`; use -short to skip live captures", mosquittoPub, err)
-	}
-}
-
 func TestCaptureLive(t *testing.T) {
 	if testing.Short() {
 		t.Skip("live capture from real MQTT clients: not in -short")
@@ -318,7 +314,7 @@ func TestCaptureLive(t *testing.T) {
 	for _, cc := range capturedClients {
 		t.Run(cc.file, func(t *testing.T) {
 			if strings.HasPrefix(cc.file, "mosquitto_pub") {
-				requireMosquittoPub(t)
+				servertest.RequireBinary(t, mosquittoPub, "mosquitto-clients")
 			}
 			pkt := captureFirstPacket(t, cc.run)
 			c, err := ParseConnect(pkt, 64<<10)

@@ -2,15 +2,14 @@ package mqttwire
 
 import (
 	"errors"
-	"fmt"
 	"net"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/shardgate/shardgate/internal/servertest"
 )
 
 // connackFixture is an annotated MQTT 5 CONNACK (or not) and what
@@ -287,38 +286,14 @@ func compareMochiConnack(t *testing.T, raw []byte, p ConnackProperties) {
 // CONNACK on a CONNECT with keepalive 60 and checks it reads like the
 // committed capture: Server Keep Alive 10.
 func TestConnackCaptureLive(t *testing.T) {
-	const bin = "/usr/sbin/mosquitto"
 	if testing.Short() {
 		t.Skip("live capture from a real broker: not in -short")
 	}
-	if _, err := os.Stat(bin); err != nil {
-		t.Fatalf("%s not found (%v): apt-get install -y mosquitto; use -short to skip", bin, err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	// Mosquitto 2.0 refuses max_keepalive below 10.
+	broker := servertest.Mosquitto(t, servertest.MosquittoOptions{Config: []string{"max_keepalive 10"}})
+	c, err := net.Dial("tcp", broker.String())
 	if err != nil {
 		t.Fatal(err)
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	conf := filepath.Join(t.TempDir(), "mosquitto.conf")
-	// Mosquitto 2.0 refuses max_keepalive below 10.
-	cfg := fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nmax_keepalive 10\n", port)
-	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "-c", conf)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	var c net.Conn
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if c, err = net.Dial("tcp", ln.Addr().String()); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("mosquitto did not come up: %v", err)
-		}
 	}
 	defer c.Close()
 	c.Write(AppendConnect(nil, ConnectOptions{Level: Level5, ClientID: "k", CleanStart: true, KeepAlive: 60}))

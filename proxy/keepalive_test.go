@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/shardgate/shardgate/backend"
+	"github.com/shardgate/shardgate/internal/servertest"
 	"github.com/shardgate/shardgate/mqttwire"
 )
 
@@ -376,7 +377,7 @@ func TestServerKeepAliveMosquitto(t *testing.T) {
 		t.Skip("10 s of silence: not in -short")
 	}
 	t.Parallel()
-	broker := startMosquitto(t, "max_keepalive 10")
+	broker := servertest.Mosquitto(t, servertest.MosquittoOptions{Config: []string{"max_keepalive 10"}}).Addr()
 	p := startProxy(t, proxySetup{
 		instances: []backend.Instance{inst("mosq", broker, -1)},
 		config:    func(c *Config) { c.Keepalive.Factor = 1 },

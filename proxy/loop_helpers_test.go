@@ -1,17 +1,13 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"testing"
@@ -23,77 +19,6 @@ import (
 	"github.com/shardgate/shardgate/backend"
 	"github.com/shardgate/shardgate/mqttwire"
 )
-
-const mosquittoBin = "/usr/sbin/mosquitto"
-
-// startMosquitto runs a real Mosquitto on a free loopback port for the test;
-// extra are more lines of its configuration.
-func startMosquitto(t *testing.T, extra ...string) netip.AddrPort {
-	t.Helper()
-	if _, err := os.Stat(mosquittoBin); err != nil {
-		if testing.Short() {
-			t.Skipf("%s missing (short mode)", mosquittoBin)
-		}
-		t.Fatalf("%s is needed by this test: apt-get install -y mosquitto (%v)", mosquittoBin, err)
-	}
-attempts:
-	for attempt := 0; ; attempt++ {
-		port := freePort(t)
-		dir := t.TempDir()
-		conf := filepath.Join(dir, "mosquitto.conf")
-		cfg := fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\n", port)
-		for _, line := range extra {
-			cfg += line + "\n"
-		}
-		if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		var stderr bytes.Buffer
-		cmd := exec.Command(mosquittoBin, "-c", conf)
-		cmd.Stderr = &stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatalf("start mosquitto: %v", err)
-		}
-		exited := make(chan struct{})
-		go func() { cmd.Wait(); close(exited) }()
-		addr := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			c, err := net.DialTimeout("tcp", addr.String(), 200*time.Millisecond)
-			if err == nil {
-				c.Close()
-				t.Cleanup(func() {
-					cmd.Process.Kill()
-					<-exited
-				})
-				return addr
-			}
-			select {
-			case <-exited:
-				if attempt < 3 {
-					continue attempts // port taken meanwhile
-				}
-				t.Fatalf("mosquitto exited: %s", stderr.String())
-			default:
-			}
-			if time.Now().After(deadline) {
-				cmd.Process.Kill()
-				t.Fatalf("mosquitto on %s did not come up: %s", addr, stderr.String())
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
 
 // testProxy is a started Proxy with its own metrics registry.
 type testProxy struct {

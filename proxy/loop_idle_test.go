@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/shardgate/shardgate/backend"
+	"github.com/shardgate/shardgate/internal/servertest"
 	"github.com/shardgate/shardgate/mqttwire"
 )
 
@@ -41,7 +42,7 @@ func TestIdleFootprint(t *testing.T) {
 			t.Fatalf("SHARDGATE_IDLE_CONNS=%q", s)
 		}
 	}
-	broker := startMosquitto(t)
+	broker := servertest.Mosquitto(t, servertest.MosquittoOptions{}).Addr()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestIdleFootprint$")
 	cmd.Env = append(os.Environ(), "SHARDGATE_IDLE_CHILD="+broker.String())
 	cmd.Stderr = os.Stderr

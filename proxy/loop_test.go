@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shardgate/shardgate/backend"
+	"github.com/shardgate/shardgate/internal/servertest"
 	"github.com/shardgate/shardgate/mqttwire"
 )
 
@@ -36,7 +37,7 @@ func threeShards(t *testing.T, config func(*Config)) (*testProxy, []netip.AddrPo
 	var brokers []netip.AddrPort
 	var insts []backend.Instance
 	for i := range 3 {
-		a := startMosquitto(t)
+		a := servertest.Mosquitto(t, servertest.MosquittoOptions{}).Addr()
 		brokers = append(brokers, a)
 		insts = append(insts, inst(fmt.Sprintf("mosq-%d", i), a, i))
 	}
@@ -219,7 +220,7 @@ func TestPersistentSession(t *testing.T) {
 // Refused devices get the exact CONNACK DESIGN.md names, in their dialect,
 // and the refusal is counted by reason.
 func TestRefusals(t *testing.T) {
-	closedPort := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(freePort(t)))
+	closedPort := servertest.FreePort(t)
 	v4 := func(id string) []byte { return connectPacket(mqttwire.Level311, id, 30) }
 	v5 := func(id string) []byte { return connectPacket(mqttwire.Level5, id, 30) }
 	v31 := func(id string) []byte { return connectPacket(mqttwire.Level31, id, 30) }

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shardgate/shardgate/internal/servertest"
 	"github.com/shardgate/shardgate/mqttwire"
 )
 
@@ -45,10 +46,10 @@ func TestE2EConfigErrorsNameTheField(t *testing.T) {
 	t.Parallel()
 	bin := buildShardgate(t)
 	dir := t.TempDir()
-	listen, admin := e2eLoopback(e2eFreePort(t)), e2eLoopback(e2eFreePort(t))
+	listen, admin := servertest.FreePort(t).String(), servertest.FreePort(t).String()
 	// Nothing listens on the backends' ports: no broker is needed to
 	// check a configuration, and the one proxy started here has none.
-	b0, b1 := e2eLoopback(e2eFreePort(t)), e2eLoopback(e2eFreePort(t))
+	b0, b1 := servertest.FreePort(t).String(), servertest.FreePort(t).String()
 	valid := fmt.Sprintf(`listen: [%q]
 admin: %q
 shards: 2

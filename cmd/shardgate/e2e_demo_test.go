@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shardgate/shardgate/internal/servertest"
 	"github.com/shardgate/shardgate/mqttwire"
 	"github.com/shardgate/shardgate/proxy"
 )
@@ -53,7 +54,7 @@ func e2eIDsOnShards(t *testing.T, bin, prefix string) [3]string {
 func TestE2EDemo(t *testing.T) {
 	t.Parallel()
 	bin := buildShardgate(t)
-	listen, admin := e2eLoopback(e2eFreePort(t)), e2eLoopback(e2eFreePort(t))
+	listen, admin := servertest.FreePort(t).String(), servertest.FreePort(t).String()
 	px := &e2eProxy{mqtt: listen, admin: admin}
 	px.e2eProcess = e2eStart(t, "shardgate demo", bin, "demo", "--listen", listen, "--admin", admin)
 	px.waitAdmin(t)

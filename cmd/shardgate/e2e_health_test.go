@@ -34,7 +34,7 @@ func e2eIDOnShard(t *testing.T, px *e2eProxy, prefix string, shard int) string {
 func TestE2EHealthChecksFollowBrokers(t *testing.T) {
 	t.Parallel()
 	bin := buildShardgate(t)
-	ms := []*e2eMosquitto{e2eStartMosquitto(t), e2eStartMosquitto(t), e2eStartMosquitto(t)}
+	ms := e2eBrokers(t, 3)
 	spill := e2eStartProxy(t, bin, e2eFleetOf(t, ms))
 	rcfg := e2eFleetOf(t, ms)
 	rcfg.noInstance = "reject"
@@ -64,7 +64,7 @@ func TestE2EHealthChecksFollowBrokers(t *testing.T) {
 	otherID := e2eIDOnShard(t, spill, "e2e-oth", 0)
 	byAddr := map[string]int{}
 	for i, m := range ms {
-		byAddr[m.addr()] = i
+		byAddr[m.String()] = i
 	}
 	probes := e2eNewProbes(t, ms, "health")
 
@@ -81,7 +81,7 @@ func TestE2EHealthChecksFollowBrokers(t *testing.T) {
 	}
 
 	killed := time.Now()
-	ms[victim].stop()
+	ms[victim].Kill()
 	e2eWaitFor(t, "m1 unhealthy in both proxies' /api/v1/backends", 3*time.Second, allHealthy(false, "m1"))
 	t.Logf("m1 seen unhealthy %s after the kill", time.Since(killed).Round(time.Millisecond))
 	for _, px := range pxs {
@@ -110,7 +110,7 @@ func TestE2EHealthChecksFollowBrokers(t *testing.T) {
 
 	t.Run("spill", func(t *testing.T) {
 		a := spill.route(t, victimID)
-		if a.Shard != victim || a.Address == nil || *a.Address == ms[victim].addr() {
+		if a.Shard != victim || a.Address == nil || *a.Address == ms[victim].String() {
 			t.Fatalf("route %s = %+v: want shard %d spilled to a live broker", victimID, a, victim)
 		}
 		want := byAddr[*a.Address]
@@ -164,12 +164,12 @@ func TestE2EHealthChecksFollowBrokers(t *testing.T) {
 		})
 	})
 
-	ms[victim].restart(t)
+	ms[victim].Restart()
 	e2eWaitFor(t, "m1 healthy again in both proxies", 3*time.Second, allHealthy(true, "m0", "m1", "m2"))
 	probes.watch(t, victim, ms[victim], "health")
 	for _, px := range pxs {
-		if got := px.routeAddr(t, victimID); got != ms[victim].addr() {
-			t.Fatalf("route %s after the restart = %q, want the restarted broker %s", victimID, got, ms[victim].addr())
+		if got := px.routeAddr(t, victimID); got != ms[victim].String() {
+			t.Fatalf("route %s after the restart = %q, want the restarted broker %s", victimID, got, ms[victim].String())
 		}
 	}
 	// Both proxies hand the shard's devices to its own broker again.

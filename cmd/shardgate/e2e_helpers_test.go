@@ -29,29 +29,14 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 	mqtt3 "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/shardgate/shardgate/internal/servertest"
 	"github.com/shardgate/shardgate/mqttwire"
 	"github.com/shardgate/shardgate/proxy"
 )
 
-// mosquittoBin is Debian's broker (apt-get install -y mosquitto).
-const e2eMosquittoBin = "/usr/sbin/mosquitto"
-
 // e2eWait bounds every poll of the end-to-end tests: long enough for a
 // loaded 2-core machine, short enough to fail fast.
 const e2eWait = 10 * time.Second
-
-// freePort returns a loopback TCP port that was free a moment ago.
-func e2eFreePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-func e2eLoopback(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
 
 // waitFor polls cond every 25ms until it holds or timeout passes; then the
 // test fails with what and cond's last description of the state.
@@ -188,82 +173,17 @@ func (p *e2eProcess) waitLog(t *testing.T, timeout time.Duration, subs ...string
 	return found
 }
 
-// ---- mosquitto --------------------------------------------------------------
+// ---- brokers ----------------------------------------------------------------
 
-// mosquitto is one real broker on a loopback port.
-type e2eMosquitto struct {
-	port int
-	conf string
-	p    *e2eProcess
-}
-
-func (m *e2eMosquitto) addr() string { return e2eLoopback(m.port) }
-
-// requireMosquitto fails the test (skips it under -short) when the broker is
-// not installed.
-func e2eRequireMosquitto(t *testing.T) {
+// e2eBrokers starts n real Mosquitto brokers on loopback, one per shard.
+func e2eBrokers(t *testing.T, n int) []*servertest.MosquittoServer {
 	t.Helper()
-	if _, err := os.Stat(e2eMosquittoBin); err != nil {
-		if testing.Short() {
-			t.Skipf("%s not installed (apt-get install -y mosquitto)", e2eMosquittoBin)
-		}
-		t.Fatalf("end-to-end tests need real Mosquitto brokers: %s: %v (apt-get install -y mosquitto)", e2eMosquittoBin, err)
+	ms := make([]*servertest.MosquittoServer, n)
+	for i := range ms {
+		ms[i] = servertest.Mosquitto(t, servertest.MosquittoOptions{})
 	}
+	return ms
 }
-
-// startMosquitto starts a broker on a free loopback port, anonymous access
-// allowed, and waits until it accepts connections.
-func e2eStartMosquitto(t *testing.T) *e2eMosquitto {
-	t.Helper()
-	e2eRequireMosquitto(t)
-	var lastOut string
-	// A port found free can be taken before mosquitto binds it; try anew.
-	for attempt := 0; attempt < 3; attempt++ {
-		m := &e2eMosquitto{port: e2eFreePort(t)}
-		m.conf = filepath.Join(t.TempDir(), "mosquitto.conf")
-		conf := fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n", m.port)
-		if err := os.WriteFile(m.conf, []byte(conf), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if m.start(t) {
-			return m
-		}
-		lastOut = m.p.out.String()
-	}
-	t.Fatalf("mosquitto did not start:\n%s", lastOut)
-	return nil
-}
-
-// start runs the broker on its port (again, after stop) and reports whether
-// it accepts connections.
-func (m *e2eMosquitto) start(t *testing.T) bool {
-	t.Helper()
-	m.p = e2eStart(t, "mosquitto:"+strconv.Itoa(m.port), e2eMosquittoBin, "-c", m.conf)
-	deadline := time.Now().Add(e2eWait)
-	for time.Now().Before(deadline) {
-		if m.p.exited() {
-			return false
-		}
-		c, err := net.DialTimeout("tcp", m.addr(), time.Second)
-		if err == nil {
-			c.Close()
-			return true
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return false
-}
-
-// restart starts the broker again on the same port.
-func (m *e2eMosquitto) restart(t *testing.T) {
-	t.Helper()
-	if !m.start(t) {
-		t.Fatalf("mosquitto on port %d did not restart:\n%s", m.port, m.p.out.String())
-	}
-}
-
-// stop kills the broker at once (SIGKILL: a crash, not a clean shutdown).
-func (m *e2eMosquitto) stop() { m.p.kill() }
 
 // ---- proxy ------------------------------------------------------------------
 
@@ -303,10 +223,10 @@ func (c e2eFleet) yaml() string {
 
 // fleetOf is the configuration of one mosquitto per shard: instance
 // "m<shard>" serves shard <shard>.
-func e2eFleetOf(t *testing.T, ms []*e2eMosquitto) e2eFleet {
-	c := e2eFleet{listen: e2eLoopback(e2eFreePort(t)), admin: e2eLoopback(e2eFreePort(t)), shards: len(ms)}
+func e2eFleetOf(t *testing.T, ms []*servertest.MosquittoServer) e2eFleet {
+	c := e2eFleet{listen: servertest.FreePort(t).String(), admin: servertest.FreePort(t).String(), shards: len(ms)}
 	for i, m := range ms {
-		c.backends = append(c.backends, e2eBackend{id: "m" + strconv.Itoa(i), addr: m.addr(), shard: i})
+		c.backends = append(c.backends, e2eBackend{id: "m" + strconv.Itoa(i), addr: m.String(), shard: i})
 	}
 	return c
 }

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shardgate/shardgate/internal/servertest"
 	"github.com/shardgate/shardgate/mqttwire"
 )
 
@@ -18,7 +19,7 @@ type e2eProbes struct {
 	seen map[string][]int // topic → indexes of the brokers that got it
 }
 
-func e2eNewProbes(t *testing.T, ms []*e2eMosquitto, name string) *e2eProbes {
+func e2eNewProbes(t *testing.T, ms []*servertest.MosquittoServer, name string) *e2eProbes {
 	t.Helper()
 	ps := &e2eProbes{seen: map[string][]int{}}
 	for i, m := range ms {
@@ -28,9 +29,9 @@ func e2eNewProbes(t *testing.T, ms []*e2eMosquitto, name string) *e2eProbes {
 }
 
 // watch subscribes on broker i (again, e.g. after a restart).
-func (ps *e2eProbes) watch(t *testing.T, i int, m *e2eMosquitto, name string) {
+func (ps *e2eProbes) watch(t *testing.T, i int, m *servertest.MosquittoServer, name string) {
 	t.Helper()
-	d := e2eMustConnect(t, m.addr(), fmt.Sprintf("%s-probe-%d-%d", name, i, time.Now().UnixNano()%1e6), mqttwire.Level311)
+	d := e2eMustConnect(t, m.String(), fmt.Sprintf("%s-probe-%d-%d", name, i, time.Now().UnixNano()%1e6), mqttwire.Level311)
 	if err := d.Subscribe("probe/#", 1); err != nil {
 		t.Fatalf("probe subscribe on broker %d: %v", i, err)
 	}
@@ -84,7 +85,7 @@ func (ps *e2eProbes) landsOn(t *testing.T, d e2eDevice, id string) int {
 func TestE2EProxyRoutesToShardBrokers(t *testing.T) {
 	t.Parallel()
 	bin := buildShardgate(t)
-	ms := []*e2eMosquitto{e2eStartMosquitto(t), e2eStartMosquitto(t), e2eStartMosquitto(t)}
+	ms := e2eBrokers(t, 3)
 	px := e2eStartProxy(t, bin, e2eFleetOf(t, ms))
 	px.waitReady(t)
 	e2eWaitFor(t, "3 instances healthy", e2eWait, func() (bool, string) {
@@ -95,7 +96,7 @@ func TestE2EProxyRoutesToShardBrokers(t *testing.T) {
 
 	byAddr := map[string]int{}
 	for i, m := range ms {
-		byAddr[m.addr()] = i
+		byAddr[m.String()] = i
 	}
 	probes := e2eNewProbes(t, ms, "routes")
 
@@ -123,7 +124,7 @@ func TestE2EProxyRoutesToShardBrokers(t *testing.T) {
 		e2eRoundTrip(t, d, own, "hello "+id)
 		if got := probes.landsOn(t, d, id); got != want {
 			t.Errorf("device %s (level %d) landed on broker %d (%s), /api/v1/route names broker %d (%s)",
-				id, level, got, ms[got].addr(), want, *a.Address)
+				id, level, got, ms[got].String(), want, *a.Address)
 		}
 		d.Disconnect()
 		perShard[want]++
@@ -152,7 +153,7 @@ func TestE2EProxyRoutesToShardBrokers(t *testing.T) {
 		t.Fatalf("/api/v1/backends = %+v, want contract v1, 3 shards, 3 instances", b)
 	}
 	for _, in := range b.Instances {
-		if !in.Healthy || !in.Active || in.Address != ms[in.Shard].addr() || in.ID != "m"+strconv.Itoa(in.Shard) {
+		if !in.Healthy || !in.Active || in.Address != ms[in.Shard].String() || in.ID != "m"+strconv.Itoa(in.Shard) {
 			t.Errorf("/api/v1/backends instance %+v: want healthy, active, m<shard> at that shard's broker", in)
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shardgate/shardgate/internal/servertest"
 	"github.com/shardgate/shardgate/mqttwire"
 )
 
@@ -19,8 +20,8 @@ import (
 func TestE2ESighupReloadsBackends(t *testing.T) {
 	t.Parallel()
 	bin := buildShardgate(t)
-	ms := []*e2eMosquitto{e2eStartMosquitto(t), e2eStartMosquitto(t), e2eStartMosquitto(t)}
-	standby := e2eStartMosquitto(t)
+	ms := e2eBrokers(t, 3)
+	standby := servertest.Mosquitto(t, servertest.MosquittoOptions{})
 	cfg := e2eFleetOf(t, ms)
 	px := e2eStartProxy(t, bin, cfg)
 	px.waitReady(t)
@@ -55,7 +56,7 @@ func TestE2ESighupReloadsBackends(t *testing.T) {
 	pid := px.pid()
 
 	next := cfg
-	next.backends = append(append([]e2eBackend(nil), cfg.backends...), e2eBackend{id: "m0b", addr: standby.addr(), shard: 0, priority: 1})
+	next.backends = append(append([]e2eBackend(nil), cfg.backends...), e2eBackend{id: "m0b", addr: standby.String(), shard: 0, priority: 1})
 	px.writeConfig(t, next.yaml())
 	px.signal(t, syscall.SIGHUP)
 	px.waitLog(t, e2eWait, "SIGHUP: backends, health checks and admission reloaded")
@@ -67,7 +68,7 @@ func TestE2ESighupReloadsBackends(t *testing.T) {
 			case "m0":
 				ok = ok && in.Healthy && in.Active && in.Priority == 0
 			case "m0b":
-				ok = ok && in.Healthy && !in.Active && in.Priority == 1 && in.Shard == 0 && in.Address == standby.addr()
+				ok = ok && in.Healthy && !in.Active && in.Priority == 1 && in.Shard == 0 && in.Address == standby.String()
 			default:
 				ok = ok && in.Healthy && in.Active
 			}
@@ -79,14 +80,14 @@ func TestE2ESighupReloadsBackends(t *testing.T) {
 	}
 	stillConnected("after SIGHUP")
 	for sh, id := range ids {
-		if got := px.routeAddr(t, id); got != ms[sh].addr() {
-			t.Errorf("after SIGHUP %s routes to %q, want its primary %s", id, got, ms[sh].addr())
+		if got := px.routeAddr(t, id); got != ms[sh].String() {
+			t.Errorf("after SIGHUP %s routes to %q, want its primary %s", id, got, ms[sh].String())
 		}
 	}
 
 	// An invalid configuration: the proxy keeps the one it has and says
 	// which field is wrong.
-	bad := strings.Replace(next.yaml(), fmt.Sprintf("%q", ms[1].addr()), `"broker-1:1883"`, 1)
+	bad := strings.Replace(next.yaml(), fmt.Sprintf("%q", ms[1].String()), `"broker-1:1883"`, 1)
 	if bad == next.yaml() {
 		t.Fatal("test bug: the invalid configuration is the valid one")
 	}
@@ -104,12 +105,12 @@ func TestE2ESighupReloadsBackends(t *testing.T) {
 	stillConnected("after an invalid SIGHUP")
 
 	// The standby added by the reload takes shard 0 when its primary dies.
-	ms[0].stop()
+	ms[0].Kill()
 	e2eWaitFor(t, "shard 0 routes to the standby m0b", 3*time.Second, func() (bool, string) {
 		a := px.route(t, ids[0])
 		return a.Instance != nil && *a.Instance == "m0b", fmt.Sprintf("%+v", a)
 	})
-	probes := e2eNewProbes(t, []*e2eMosquitto{standby}, "hup")
+	probes := e2eNewProbes(t, []*servertest.MosquittoServer{standby}, "hup")
 	d := e2eMustConnect(t, px.mqtt, ids[0], mqttwire.Level5)
 	if got := probes.landsOn(t, d, ids[0]); got != 0 {
 		t.Fatalf("probe index %d", got)

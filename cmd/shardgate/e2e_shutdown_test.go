@@ -36,7 +36,7 @@ func e2eConnectedDevices(t *testing.T, px *e2eProxy, prefix string, n int) ([]e2
 func TestE2ESigtermDrains(t *testing.T) {
 	t.Parallel()
 	bin := buildShardgate(t)
-	ms := []*e2eMosquitto{e2eStartMosquitto(t), e2eStartMosquitto(t), e2eStartMosquitto(t)}
+	ms := e2eBrokers(t, 3)
 	cfg := e2eFleetOf(t, ms)
 	cfg.grace = "30s"
 	px := e2eStartProxy(t, bin, cfg)
@@ -97,7 +97,7 @@ func TestE2ESigtermDrains(t *testing.T) {
 func TestE2ESigtermGraceExpires(t *testing.T) {
 	t.Parallel()
 	bin := buildShardgate(t)
-	ms := []*e2eMosquitto{e2eStartMosquitto(t)}
+	ms := e2eBrokers(t, 1)
 	cfg := e2eFleetOf(t, ms)
 	cfg.grace = "1s"
 	px := e2eStartProxy(t, bin, cfg)

@@ -9,20 +9,16 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/shardgate/shardgate/internal/servertest"
 )
 
 // Stock Mosquitto command-line clients (Debian's mosquitto-clients), as a
 // demo user runs them: a subscriber on one shard receives what a publisher
 // on another shard sends, in MQTT 3.1.1 and 5.0.
 func TestMosquittoClients(t *testing.T) {
-	for _, tool := range []string{"mosquitto_sub", "mosquitto_pub"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			if testing.Short() {
-				t.Skipf("%s not installed (apt-get install -y mosquitto-clients)", tool)
-			}
-			t.Fatalf("%s not installed: apt-get install -y mosquitto-clients (or go test -short)", tool)
-		}
-	}
+	subBin := servertest.RequireBinary(t, "mosquitto_sub", "mosquitto-clients")
+	pubBin := servertest.RequireBinary(t, "mosquitto_pub", "mosquitto-clients")
 	e := startFleet(t, 3)
 	addrs := e.Addrs()
 
@@ -31,7 +27,7 @@ func TestMosquittoClients(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			topic := "demo/" + version
-			sub := exec.CommandContext(ctx, "mosquitto_sub", "-V", version,
+			sub := exec.CommandContext(ctx, subBin, "-V", version,
 				"-h", addrs[2].Addr().String(), "-p", strconv.Itoa(int(addrs[2].Port())),
 				"-t", "demo/#", "-C", "1", "-v")
 			var out bytes.Buffer
@@ -41,7 +37,7 @@ func TestMosquittoClients(t *testing.T) {
 			}
 			waitUntil(t, "mosquitto_sub subscribed", func() bool { return e.bus.Routes("embedded-2") == 1 })
 
-			pub := exec.CommandContext(ctx, "mosquitto_pub", "-V", version,
+			pub := exec.CommandContext(ctx, pubBin, "-V", version,
 				"-h", addrs[0].Addr().String(), "-p", strconv.Itoa(int(addrs[0].Port())),
 				"-t", topic, "-m", "hello from shard 0", "-q", "1")
 			if b, err := pub.CombinedOutput(); err != nil {

@@ -4,100 +4,25 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
-	"os/exec"
-	"strconv"
-	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	paho3 "github.com/eclipse/paho.mqtt.golang"
 	"github.com/redis/go-redis/v9"
+
+	"github.com/shardgate/shardgate/internal/servertest"
 )
 
-// The package's tests share one real redis-server (Debian's), started on
-// the first test that needs it and stopped by TestMain. Each test uses its
-// own key prefix, so tests do not see each other's keys.
-var testRedis struct {
-	once sync.Once
-	addr string
-	cmd  *exec.Cmd
-	dir  string
-	err  error
-}
-
-func TestMain(m *testing.M) {
-	code := m.Run()
-	if testRedis.cmd != nil {
-		_ = testRedis.cmd.Process.Kill()
-		_ = testRedis.cmd.Wait()
-		_ = os.RemoveAll(testRedis.dir)
-	}
-	os.Exit(code)
-}
-
-func startRedis() {
-	path, err := exec.LookPath("redis-server")
-	if err != nil {
-		testRedis.err = fmt.Errorf("redis-server not installed (apt-get install -y redis-server): %w", err)
-		return
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		testRedis.err = err
-		return
-	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	_ = ln.Close()
-	dir, err := os.MkdirTemp("", "shardgate-redis-")
-	if err != nil {
-		testRedis.err = err
-		return
-	}
-	cmd := exec.Command(path, "--save", "", "--appendonly", "no",
-		"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--dir", dir)
-	var out strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		testRedis.err = fmt.Errorf("start redis-server: %w", err)
-		return
-	}
-	testRedis.cmd, testRedis.dir = cmd, dir
-	testRedis.addr = "127.0.0.1:" + strconv.Itoa(port)
-	c := redis.NewClient(&redis.Options{Addr: testRedis.addr})
-	defer c.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		err := c.Ping(ctx).Err()
-		cancel()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			testRedis.err = fmt.Errorf("redis-server on %s did not answer: %v\n%s", testRedis.addr, err, out.String())
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// redisClient returns a client of the test redis-server, failing the test
-// (skipping it with -short) when redis-server cannot run.
+// redisClient starts a real redis-server (Debian's) for the test and returns
+// a client of it, failing the test (skipping it with -short) when
+// redis-server is not installed.
 func redisClient(t *testing.T) *redis.Client {
 	t.Helper()
-	testRedis.once.Do(startRedis)
-	if testRedis.err != nil {
-		if testing.Short() {
-			t.Skip(testRedis.err)
-		}
-		t.Fatalf("%v (or go test -short)", testRedis.err)
-	}
-	c := redis.NewClient(&redis.Options{Addr: testRedis.addr})
+	srv := servertest.Redis(t, servertest.RedisOptions{})
+	c := redis.NewClient(&redis.Options{Addr: srv.String()})
 	t.Cleanup(func() { _ = c.Close() })
 	return c
 }

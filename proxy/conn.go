@@ -169,7 +169,7 @@ func (l *loop) peek(c *conn) {
 	hs.peek = append(hs.peek, l.buf[:n]...)
 	cn, err := mqttwire.ParseConnect(hs.peek, l.p.set.maxConnect)
 	if err != nil {
-		l.peekFailed(c, err)
+		l.peekFailed(c, cn.Level, err)
 		return
 	}
 	hs.connLen = cn.Len
@@ -196,8 +196,9 @@ func (l *loop) kaTicksFor(secs uint16) uint32 {
 // peekFailed refuses a device whose first bytes are not an acceptable
 // CONNECT. Where MQTT defines a CONNACK for the fault it is sent in the
 // device's dialect; a malformed packet is closed without one
-// [MQTT-4.8.0-1].
-func (l *loop) peekFailed(c *conn, err error) {
+// [MQTT-4.8.0-1]. level is what ParseConnect read of the refused packet's
+// protocol level (0 when it got no further).
+func (l *loop) peekFailed(c *conn, level byte, err error) {
 	if err == mqttwire.ErrNeedMore {
 		return
 	}
@@ -217,26 +218,13 @@ func (l *loop) peekFailed(c *conn, err error) {
 		l.refuse(c, mqttwire.Level311, mqttwire.UnsupportedProtocolVersion, reasonUnsupported)
 	case me.Reason == mqttwire.ClientIdentifierNotValid:
 		// [MQTT-3.1.3-9] identifier rejected.
-		l.refuse(c, connectLevel(c.hs.peek), mqttwire.ClientIdentifierNotValid, reasonClientIDInvalid)
+		if level == 0 {
+			level = mqttwire.Level311
+		}
+		l.refuse(c, level, mqttwire.ClientIdentifierNotValid, reasonClientIDInvalid)
 	default:
 		l.reject(c, reasonMalformed)
 	}
-}
-
-// connectLevel returns the protocol level of a CONNECT whose header and
-// protocol name are in b (3.1.1 when it cannot tell).
-func connectLevel(b []byte) byte {
-	i := 1
-	for i < len(b) && i < 5 && b[i]&0x80 != 0 {
-		i++
-	}
-	i++ // past the last remaining-length byte
-	for _, name := range []string{"\x00\x04MQTT", "\x00\x06MQIsdp"} {
-		if j := i + len(name); len(b) > j && string(b[i:j]) == name {
-			return b[j] &^ 0x80 // a bridge sets 0x80 on the level
-		}
-	}
-	return mqttwire.Level311
 }
 
 // ---- route ---------------------------------------------------------------

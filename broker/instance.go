@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -90,6 +91,15 @@ type Instance struct {
 	addr     netip.AddrPort
 	bus      *RedisBus
 	sessions *RedisSessions
+	rdb      redis.UniversalClient
+	ln       net.Listener
+	stats    *redisStats
+	timeout  time.Duration
+	beat     time.Duration
+
+	redisErr  atomic.Pointer[redisFault] // nil while Redis answers
+	stopWatch chan struct{}
+	watchDone chan struct{}
 
 	closeOnce sync.Once
 	closeErr  error
@@ -112,9 +122,21 @@ func Start(ctx context.Context, cfg Config) (*Instance, error) {
 		Log:       log,
 	}
 	inst := &Instance{
-		bus:      NewRedisBus(cfg.Redis, opts),
-		sessions: NewRedisSessions(cfg.Redis, opts),
+		bus:       NewRedisBus(cfg.Redis, opts),
+		sessions:  NewRedisSessions(cfg.Redis, opts),
+		rdb:       cfg.Redis,
+		stats:     newRedisStats(),
+		stopWatch: make(chan struct{}),
+		watchDone: make(chan struct{}),
 	}
+	inst.timeout, inst.beat = inst.sessions.timeout, opts.withDefaults().Heartbeat
+	// Every call of this instance's Redis client is timed and its errors
+	// counted (shardgate_broker_redis_*). The hook outlives Close when the
+	// caller keeps the client; it then only counts.
+	cfg.Redis.AddHook(inst.stats)
+	metrics := &metricsHook{}
+	inst.stats.qos = metrics
+	cfg.Hooks = append([]mqtt.Hook{metrics}, cfg.Hooks...)
 
 	pctx, cancel := context.WithTimeout(ctx, inst.sessions.timeout)
 	err = cfg.Redis.Ping(pctx).Err()
@@ -138,7 +160,7 @@ func Start(ctx context.Context, cfg Config) (*Instance, error) {
 		_ = ln.Close()
 		return nil, fmt.Errorf("broker: instance %s: listen address %s: %w", cfg.InstanceID, ln.Addr(), err)
 	}
-	inst.addr = ap
+	inst.addr, inst.ln = ap, ln
 
 	n, err := newNode(nodeConfig{
 		Shard:    cfg.Shard,
@@ -164,6 +186,7 @@ func Start(ctx context.Context, cfg Config) (*Instance, error) {
 		return nil, fmt.Errorf("broker: instance %s: %w", cfg.InstanceID, err)
 	}
 	inst.n = n
+	go inst.watchRedis(log)
 	log.Info("broker instance listening", "address", ap.String())
 	return inst, nil
 }
@@ -190,8 +213,94 @@ func (i *Instance) Forwarded() uint64 { return i.n.received.Load() }
 // reach next. Close is idempotent; it does not close Config.Redis.
 func (i *Instance) Close() error {
 	i.closeOnce.Do(func() {
+		close(i.stopWatch)
+		<-i.watchDone
 		i.n.leave()
 		i.closeErr = i.n.close()
 	})
 	return i.closeErr
+}
+
+// StopAccepting closes the MQTT listener: no new connection is accepted,
+// the connected devices stay served. Close finishes the shutdown.
+func (i *Instance) StopAccepting() { _ = i.ln.Close() }
+
+// ClientsConnected returns how many devices are connected.
+func (i *Instance) ClientsConnected() int {
+	return int(atomic.LoadInt64(&i.n.srv.Info.ClientsConnected))
+}
+
+// redisFault is a Redis failure seen by the instance's watch.
+type redisFault struct {
+	err   error
+	since time.Time
+}
+
+// RedisError reports whether Redis is failing, as the instance's watch
+// last saw it (a PING every heartbeat, bounded by the Redis timeout): nil
+// while Redis answers. While it fails the instance goes on serving its
+// connected devices and delivering locally; what needs Redis (cross-shard
+// routing, session writes, taking a session over) fails, each call within
+// the Redis timeout, and is counted in shardgate_broker_redis_errors_total.
+func (i *Instance) RedisError() error {
+	f := i.redisErr.Load()
+	if f == nil {
+		return nil
+	}
+	return fmt.Errorf("redis failing since %s: %w", f.since.UTC().Format(time.RFC3339), f.err)
+}
+
+// watchRedis pings Redis every heartbeat and keeps RedisError current.
+// When Redis answers again after a failure, the instance's routes are
+// announced afresh (a Redis restarted empty, or route changes that failed
+// meanwhile), so cross-shard routing to it resumes by itself; the bus's
+// own subscriptions reconnect on their own and reload the route table.
+// Sessions are written afresh on their next change.
+func (i *Instance) watchRedis(log *slog.Logger) {
+	defer close(i.watchDone)
+	t := time.NewTicker(i.beat)
+	defer t.Stop()
+	for {
+		select {
+		case <-i.stopWatch:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := callCtx(i.timeout)
+		err := i.rdb.Ping(ctx).Err()
+		cancel()
+		prev := i.redisErr.Load()
+		switch {
+		case err != nil && prev == nil:
+			i.redisErr.Store(&redisFault{err: err, since: time.Now()})
+			log.Error("redis failing: serving connected devices locally; cross-shard routing and session writes fail until it returns", "error", err)
+		case err != nil:
+			i.redisErr.Store(&redisFault{err: err, since: prev.since})
+		case prev != nil:
+			if err := i.reannounce(); err != nil {
+				log.Warn("redis answers again, but announcing routes failed; retrying", "error", err)
+				continue
+			}
+			i.redisErr.Store(nil)
+			log.Info("redis answers again: routes announced afresh", "down_for", time.Since(prev.since).Round(time.Millisecond).String())
+		}
+	}
+}
+
+// reannounce rewrites the instance's routes and liveness in Redis.
+func (i *Instance) reannounce() error {
+	i.bus.mu.Lock()
+	m, ok := i.bus.members[i.n.instance]
+	w := i.bus.watcher
+	i.bus.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	if err := i.bus.announce(m); err != nil {
+		return err
+	}
+	if w != nil {
+		w.refreshNow()
+	}
+	return nil
 }

@@ -1,10 +1,16 @@
 package broker
 
 import (
+	"context"
+	"errors"
 	"strconv"
 	"sync/atomic"
+	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
 )
 
 // Metrics of the embedded fleet (one series per shard) and of a broker
@@ -48,43 +54,75 @@ var (
 var descSessionsLoaded = prometheus.NewDesc("shardgate_broker_sessions_loaded_total",
 	"Sessions loaded from Redis when their device connected to the shard (held before by another instance, or by this one before a restart).", []string{"shard"}, nil)
 
-func describeNode(ch chan<- *prometheus.Desc) {
+// describeNode describes collectNode's series; byQoS leaves out the
+// per-shard message totals, which an Instance reports by QoS instead.
+func describeNode(ch chan<- *prometheus.Desc, byQoS bool) {
 	for _, d := range []*prometheus.Desc{
 		descBusReceived, descBusSent, descBusRetained, descBusErrors, descRoutes,
 		descTakenOver, descSessErrors,
-		descClients, descSubscriptions, descRetainedMsgs,
-		descMsgsReceived, descMsgsSent, descMsgsDropped,
+		descClients, descSubscriptions, descRetainedMsgs, descMsgsDropped,
 	} {
 		ch <- d
+	}
+	if !byQoS {
+		ch <- descMsgsReceived
+		ch <- descMsgsSent
 	}
 }
 
 // Describe implements prometheus.Collector.
-func (e *Embedded) Describe(ch chan<- *prometheus.Desc) { describeNode(ch) }
+func (e *Embedded) Describe(ch chan<- *prometheus.Desc) { describeNode(ch, false) }
 
 // Collect implements prometheus.Collector.
 func (e *Embedded) Collect(ch chan<- prometheus.Metric) {
 	for _, n := range e.nodes {
-		collectNode(ch, n)
+		collectNode(ch, n, false)
 	}
 }
 
 // Describe implements prometheus.Collector. Register an Instance once on
 // the registry that serves /metrics.
 func (i *Instance) Describe(ch chan<- *prometheus.Desc) {
-	describeNode(ch)
-	ch <- descSessionsLoaded
+	describeNode(ch, true)
+	for _, d := range []*prometheus.Desc{
+		descSessionsLoaded, descSessions, descMsgsReceivedQoS, descMsgsSentQoS,
+		descCrossShard, descRedisUp, descRedisErrors, descRedisLatency,
+	} {
+		ch <- d
+	}
 }
 
 // Collect implements prometheus.Collector.
 func (i *Instance) Collect(ch chan<- prometheus.Metric) {
-	collectNode(ch, i.n)
+	shard := strconv.Itoa(i.n.shard)
+	collectNode(ch, i.n, true)
 	ch <- prometheus.MustNewConstMetric(descSessionsLoaded, prometheus.CounterValue,
-		float64(i.n.sessionsLoaded.Load()), strconv.Itoa(i.n.shard))
+		float64(i.n.sessionsLoaded.Load()), shard)
+	ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue,
+		float64(i.n.srv.Clients.Len()), shard)
+	for q := range 3 {
+		qos := strconv.Itoa(q)
+		ch <- prometheus.MustNewConstMetric(descMsgsReceivedQoS, prometheus.CounterValue,
+			float64(i.stats.qos.received[q].Load()), shard, qos)
+		ch <- prometheus.MustNewConstMetric(descMsgsSentQoS, prometheus.CounterValue,
+			float64(i.stats.qos.sent[q].Load()), shard, qos)
+	}
+	ch <- prometheus.MustNewConstMetric(descCrossShard, prometheus.CounterValue,
+		float64(i.n.received.Load()), shard, "in")
+	ch <- prometheus.MustNewConstMetric(descCrossShard, prometheus.CounterValue,
+		float64(i.n.sent.Load()), shard, "out")
+	up := 1.0
+	if i.redisErr.Load() != nil {
+		up = 0
+	}
+	ch <- prometheus.MustNewConstMetric(descRedisUp, prometheus.GaugeValue, up, shard)
+	ch <- prometheus.MustNewConstMetric(descRedisErrors, prometheus.CounterValue,
+		float64(i.stats.errors.Load()), shard)
+	i.stats.collectLatency(ch, shard)
 }
 
 // collectNode reports one instance's series.
-func collectNode(ch chan<- prometheus.Metric, n *node) {
+func collectNode(ch chan<- prometheus.Metric, n *node, byQoS bool) {
 	shard := strconv.Itoa(n.shard)
 	counter := func(d *prometheus.Desc, v uint64) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), shard)
@@ -103,7 +141,130 @@ func collectNode(ch chan<- prometheus.Metric, n *node) {
 	gauge(descClients, atomic.LoadInt64(&info.ClientsConnected))
 	gauge(descSubscriptions, atomic.LoadInt64(&info.Subscriptions))
 	gauge(descRetainedMsgs, atomic.LoadInt64(&info.Retained))
-	counter(descMsgsReceived, uint64(atomic.LoadInt64(&info.MessagesReceived)))
-	counter(descMsgsSent, uint64(atomic.LoadInt64(&info.MessagesSent)))
+	if !byQoS {
+		counter(descMsgsReceived, uint64(atomic.LoadInt64(&info.MessagesReceived)))
+		counter(descMsgsSent, uint64(atomic.LoadInt64(&info.MessagesSent)))
+	}
 	counter(descMsgsDropped, uint64(atomic.LoadInt64(&info.MessagesDropped)))
+}
+
+// Series of a networked Instance only.
+var (
+	descSessions = prometheus.NewDesc("shardgate_broker_sessions",
+		"Sessions the instance holds in memory, connected or not (persistent sessions of disconnected devices included).", []string{"shard"}, nil)
+	descMsgsReceivedQoS = prometheus.NewDesc("shardgate_broker_messages_received_total",
+		"PUBLISH packets the instance received from its clients, by QoS (cross-shard deliveries are in shardgate_broker_cross_shard_messages_total).", []string{"shard", "qos"}, nil)
+	descMsgsSentQoS = prometheus.NewDesc("shardgate_broker_messages_sent_total",
+		"PUBLISH packets the instance sent to its clients, by QoS (resends included).", []string{"shard", "qos"}, nil)
+	descCrossShard = prometheus.NewDesc("shardgate_broker_cross_shard_messages_total",
+		"Cross-shard messages: direction in = delivered into the instance by the bus (once per message), out = published here and handed to the bus.", []string{"shard", "direction"}, nil)
+	descRedisUp = prometheus.NewDesc("shardgate_broker_redis_up",
+		"1 while Redis answers the instance's heartbeat PING, 0 while it fails (see /readyz).", []string{"shard"}, nil)
+	descRedisErrors = prometheus.NewDesc("shardgate_broker_redis_errors_total",
+		"Redis commands and pipelines of the instance that failed (timeouts and connection errors included; a missing key is no error).", []string{"shard"}, nil)
+	descRedisLatency = prometheus.NewDesc("shardgate_broker_redis_latency_seconds",
+		"Time of the instance's Redis commands and pipelines, failed ones included.", []string{"shard"}, nil)
+)
+
+// redisLatencyBuckets spans a loopback round trip (~100 µs) to the 1 s
+// default timeout.
+var redisLatencyBuckets = []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5}
+
+// redisStats is a go-redis hook that times every command and pipeline of
+// the instance's client and counts the failures. Lock-free: it runs on
+// the engine's paths.
+type redisStats struct {
+	errors  atomic.Uint64
+	buckets []atomic.Uint64 // cumulative counts are built at collection
+	count   atomic.Uint64
+	sumNs   atomic.Uint64
+	qos     *metricsHook
+}
+
+var _ redis.Hook = (*redisStats)(nil)
+
+func newRedisStats() *redisStats {
+	return &redisStats{buckets: make([]atomic.Uint64, len(redisLatencyBuckets))}
+}
+
+func (s *redisStats) observe(d time.Duration, err error) {
+	if err != nil && !errors.Is(err, redis.Nil) {
+		s.errors.Add(1)
+	}
+	sec := d.Seconds()
+	for b, le := range redisLatencyBuckets {
+		if sec <= le {
+			s.buckets[b].Add(1)
+			break
+		}
+	}
+	s.count.Add(1)
+	s.sumNs.Add(uint64(d))
+}
+
+// DialHook implements redis.Hook.
+func (s *redisStats) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+// ProcessHook implements redis.Hook.
+func (s *redisStats) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		start := time.Now()
+		err := next(ctx, cmd)
+		s.observe(time.Since(start), err)
+		return err
+	}
+}
+
+// ProcessPipelineHook implements redis.Hook.
+func (s *redisStats) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		start := time.Now()
+		err := next(ctx, cmds)
+		s.observe(time.Since(start), err)
+		return err
+	}
+}
+
+func (s *redisStats) collectLatency(ch chan<- prometheus.Metric, shard string) {
+	cum := make(map[float64]uint64, len(redisLatencyBuckets))
+	var acc uint64
+	for b, le := range redisLatencyBuckets {
+		acc += s.buckets[b].Load()
+		cum[le] = acc
+	}
+	// count is read last so that it is never below the buckets' total.
+	count := max(s.count.Load(), acc)
+	ch <- prometheus.MustNewConstHistogram(descRedisLatency, count,
+		time.Duration(s.sumNs.Load()).Seconds(), cum, shard)
+}
+
+// metricsHook counts the PUBLISH packets an instance's clients send and
+// receive, by QoS.
+type metricsHook struct {
+	mqtt.HookBase
+	received [3]atomic.Uint64
+	sent     [3]atomic.Uint64
+}
+
+// ID implements mqtt.Hook.
+func (h *metricsHook) ID() string { return "shardgate-metrics" }
+
+// Provides implements mqtt.Hook.
+func (h *metricsHook) Provides(b byte) bool {
+	return b == mqtt.OnPacketRead || b == mqtt.OnPacketSent
+}
+
+// OnPacketRead implements mqtt.Hook.
+func (h *metricsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Qos < 3 {
+		h.received[pk.FixedHeader.Qos].Add(1)
+	}
+	return pk, nil
+}
+
+// OnPacketSent implements mqtt.Hook.
+func (h *metricsHook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, b []byte) {
+	if pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Qos < 3 && !cl.Net.Inline {
+		h.sent[pk.FixedHeader.Qos].Add(1)
+	}
 }

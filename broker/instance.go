@@ -1,17 +1,21 @@
 package broker
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -267,22 +271,28 @@ func (i *Instance) watchRedis(log *slog.Logger) {
 		case <-t.C:
 		}
 		ctx, cancel := callCtx(i.timeout)
-		err := i.rdb.Ping(ctx).Err()
+		err := i.rdb.Ping(withProbe(ctx)).Err()
 		cancel()
 		prev := i.redisErr.Load()
 		switch {
 		case err != nil && prev == nil:
 			i.redisErr.Store(&redisFault{err: err, since: time.Now()})
+			i.stats.down.Store(true)
 			log.Error("redis failing: serving connected devices locally; cross-shard routing and session writes fail until it returns", "error", err)
 		case err != nil:
 			i.redisErr.Store(&redisFault{err: err, since: prev.since})
 		case prev != nil:
+			i.stats.down.Store(false)
 			if err := i.reannounce(); err != nil {
 				log.Warn("redis answers again, but announcing routes failed; retrying", "error", err)
 				continue
 			}
 			i.redisErr.Store(nil)
-			log.Info("redis answers again: routes announced afresh", "down_for", time.Since(prev.since).Round(time.Millisecond).String())
+			rewritten, err := i.resyncSessions()
+			if err != nil {
+				log.Warn("redis answers again; rewriting lost sessions failed (they are written afresh on their next change)", "error", err)
+			}
+			log.Info("redis answers again: routes announced afresh", "down_for", time.Since(prev.since).Round(time.Millisecond).String(), "sessions_rewritten", rewritten)
 		}
 	}
 }
@@ -301,6 +311,123 @@ func (i *Instance) reannounce() error {
 	}
 	if w != nil {
 		w.refreshNow()
+	}
+	return nil
+}
+
+// Shutdown ends the instance's service to its remaining devices, then
+// closes it: MQTT 5 clients get DISCONNECT 0x8B (server shutting down),
+// 3.1.1 clients are closed (3.1.1 defines no DISCONNECT from the server).
+// No will is published: the device is being moved, it has not gone away;
+// it reconnects to another instance of its shard, where its session waits.
+func (i *Instance) Shutdown() error {
+	i.StopAccepting()
+	for _, cl := range i.n.srv.Clients.GetAll() {
+		if cl.Net.Inline {
+			continue
+		}
+		atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
+		if cl.Properties.ProtocolVersion < 5 && !cl.Closed() {
+			cl.Stop(packets.ErrServerShuttingDown)
+		}
+	}
+	return i.Close()
+}
+
+// resyncSessions writes afresh, after a Redis outage, the state of the
+// persistent sessions this instance holds: the writes made meanwhile
+// failed, and a Redis restarted empty has lost them all (every write of
+// such a session would then be refused as fenced, its generation gone,
+// and a standby would find nothing to take over). A session that another
+// instance has claimed meanwhile is left alone.
+func (i *Instance) resyncSessions() (int, error) {
+	n, st := i.n, i.sessions
+	var errs []error
+	rewritten := 0
+	for _, cl := range n.srv.Clients.GetAll() {
+		if cl.Net.Inline || !persistent(cl) || !n.holds(cl) {
+			continue
+		}
+		gen, ok := st.generation(n.instance, cl.ID)
+		if !ok {
+			continue
+		}
+		ctx, cancel := callCtx(i.timeout)
+		err := i.resyncSession(ctx, cl, gen)
+		cancel()
+		switch {
+		case errors.Is(err, errSessionMoved):
+		case err != nil:
+			errs = append(errs, err)
+		default:
+			rewritten++
+		}
+	}
+	return rewritten, errors.Join(errs...)
+}
+
+var errSessionMoved = errors.New("session claimed by another instance")
+
+func (i *Instance) resyncSession(ctx context.Context, cl *mqtt.Client, gen int64) error {
+	n, st := i.n, i.sessions
+	keys := st.keys.clientKeys(cl.ID)
+	vals, err := i.rdb.HMGet(ctx, keys[0], "owner", "gen").Result()
+	if err != nil {
+		return fmt.Errorf("check session %q: %w", cl.ID, err)
+	}
+	owner, _ := vals[0].(string)
+	stored, _ := vals[1].(string)
+	switch {
+	case vals[0] == nil:
+		// Lost (Redis restarted empty): claim it again.
+		if _, err := st.Claim(ctx, cl.ID, n.instance); err != nil {
+			return err
+		}
+	case owner == n.instance && stored == strconv.FormatInt(gen, 10):
+		// Still ours, but writes failed while Redis was unreachable:
+		// replace its state with the engine's.
+		if err := i.rdb.Del(ctx, keys[1:]...).Err(); err != nil {
+			return fmt.Errorf("rewrite session %q: %w", cl.ID, err)
+		}
+	default:
+		return errSessionMoved
+	}
+	expiry := n.srv.Options.Capabilities.MaximumSessionExpiryInterval
+	if cl.Properties.ProtocolVersion == 5 && cl.Properties.Props.SessionExpiryIntervalFlag {
+		expiry = min(cl.Properties.Props.SessionExpiryInterval, expiry)
+	}
+	if _, err := st.open(ctx, n.instance, cl.ID, openOptions{Persistent: true, Expiry: expiry}); err != nil {
+		return fmt.Errorf("rewrite session %q: %w", cl.ID, err)
+	}
+	subs := cl.State.Subscriptions.GetAll()
+	if len(subs) > 0 {
+		all := make([]packets.Subscription, 0, len(subs))
+		for _, sub := range subs {
+			all = append(all, sub)
+		}
+		if err := st.saveSubs(ctx, n.instance, cl.ID, all); err != nil {
+			return fmt.Errorf("rewrite session %q: %w", cl.ID, err)
+		}
+	}
+	// Oldest first, the order a standby must resend them in: creation
+	// time (seconds), then packet id, which the engine hands out in order.
+	msgs := cl.State.Inflight.GetAll(false)
+	slices.SortStableFunc(msgs, func(a, b packets.Packet) int {
+		return cmp.Or(cmp.Compare(a.Created, b.Created), cmp.Compare(a.PacketID, b.PacketID))
+	})
+	for _, pk := range msgs {
+		if err := st.saveMessage(ctx, n.instance, cl.ID, pk); err != nil {
+			return fmt.Errorf("rewrite session %q: %w", cl.ID, err)
+		}
+	}
+	if cl.Closed() {
+		at := time.Now()
+		if stop := cl.StopTime(); stop > 0 {
+			at = time.Unix(stop, 0)
+		}
+		if err := st.disconnected(ctx, n.instance, cl.ID, at, expiry); err != nil {
+			return fmt.Errorf("rewrite session %q: %w", cl.ID, err)
+		}
 	}
 	return nil
 }

@@ -98,8 +98,13 @@ func (i *Instance) Collect(ch chan<- prometheus.Metric) {
 	collectNode(ch, i.n, true)
 	ch <- prometheus.MustNewConstMetric(descSessionsLoaded, prometheus.CounterValue,
 		float64(i.n.sessionsLoaded.Load()), shard)
-	ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue,
-		float64(i.n.srv.Clients.Len()), shard)
+	sessions := 0
+	for _, cl := range i.n.srv.Clients.GetAll() {
+		if !cl.Net.Inline { // the engine's inline client is no session
+			sessions++
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(sessions), shard)
 	for q := range 3 {
 		qos := strconv.Itoa(q)
 		ch <- prometheus.MustNewConstMetric(descMsgsReceivedQoS, prometheus.CounterValue,
@@ -174,6 +179,12 @@ var redisLatencyBuckets = []float64{.0001, .00025, .0005, .001, .0025, .005, .01
 // the instance's client and counts the failures. Lock-free: it runs on
 // the engine's paths.
 type redisStats struct {
+	// down is set while the instance's watch finds Redis failing: calls
+	// then fail at once with errRedisDown instead of each spending its
+	// retries and timeout on the engine's paths (a device's QoS 1 publish
+	// waits for its session write). The watch's own probe still goes
+	// through, and clears it.
+	down    atomic.Bool
 	errors  atomic.Uint64
 	buckets []atomic.Uint64 // cumulative counts are built at collection
 	count   atomic.Uint64
@@ -208,6 +219,11 @@ func (s *redisStats) DialHook(next redis.DialHook) redis.DialHook { return next 
 // ProcessHook implements redis.Hook.
 func (s *redisStats) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
+		if s.down.Load() && ctx.Value(probeKey{}) == nil {
+			cmd.SetErr(errRedisDown)
+			s.errors.Add(1)
+			return errRedisDown
+		}
 		start := time.Now()
 		err := next(ctx, cmd)
 		s.observe(time.Since(start), err)
@@ -218,11 +234,29 @@ func (s *redisStats) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 // ProcessPipelineHook implements redis.Hook.
 func (s *redisStats) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if s.down.Load() && ctx.Value(probeKey{}) == nil {
+			for _, c := range cmds {
+				c.SetErr(errRedisDown)
+			}
+			s.errors.Add(1)
+			return errRedisDown
+		}
 		start := time.Now()
 		err := next(ctx, cmds)
 		s.observe(time.Since(start), err)
 		return err
 	}
+}
+
+// errRedisDown fails a Redis call made while the instance's watch finds
+// Redis failing.
+var errRedisDown = errors.New("broker: redis is failing (instance heartbeat); call not attempted")
+
+// probeKey marks the watch's probe, which goes through while Redis is down.
+type probeKey struct{}
+
+func withProbe(ctx context.Context) context.Context {
+	return context.WithValue(ctx, probeKey{}, true)
 }
 
 func (s *redisStats) collectLatency(ch chan<- prometheus.Metric, shard string) {

@@ -18,7 +18,8 @@ import (
 	"github.com/shardgate/shardgate/proxy"
 )
 
-// remoteHook records the remote address mochi sees for each client id.
+// remoteHook records the remote address mochi sees for each client id,
+// before the CONNACK, so that it is there when the client has connected.
 type remoteHook struct {
 	mqtt.HookBase
 	mu     sync.Mutex
@@ -26,9 +27,9 @@ type remoteHook struct {
 }
 
 func (h *remoteHook) ID() string           { return "test-remote" }
-func (h *remoteHook) Provides(b byte) bool { return b == mqtt.OnSessionEstablished }
+func (h *remoteHook) Provides(b byte) bool { return b == mqtt.OnSessionEstablish }
 func (h *remoteHook) get(id string) string { h.mu.Lock(); defer h.mu.Unlock(); return h.remote[id] }
-func (h *remoteHook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+func (h *remoteHook) OnSessionEstablish(cl *mqtt.Client, _ packets.Packet) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.remote[cl.ID] = cl.Net.Remote

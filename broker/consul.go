@@ -74,8 +74,11 @@ type RegistrationConfig struct {
 	Tags []string
 	// CheckURL is the health check: HTTP GET on the broker's /readyz, say
 	// http://127.0.0.1:9884/readyz. Consul reads 2xx as passing, 429 as
-	// warning (still passing for the proxies: a Redis fault must not move
-	// every device of the shard), anything else as critical. Required.
+	// warning, anything else as critical. A warning instance stays in the
+	// proxies' healthy set (a Redis fault must not move every device of the
+	// shard): they leave out only instances with a critical check, since
+	// the health endpoint's ?passing filter would drop warning too.
+	// Required.
 	CheckURL string
 	// CheckInterval is how often the agent runs the check. Default 2 s
 	// (Consul refuses less than 1 s and uses 1 s instead).
@@ -206,11 +209,16 @@ func Register(ctx context.Context, cfg RegistrationConfig) (*Registration, error
 	if err != nil {
 		return nil, fmt.Errorf("broker: consul client: %w", err)
 	}
-	self, err := client.Agent().Self()
-	if err != nil {
+	// Agent().Self takes no context; the raw query does, so a hung agent
+	// cannot hold the broker's start past ctx.
+	var self struct {
+		Config struct{ NodeName string }
+		Member struct{ Addr string }
+	}
+	if _, err := client.Raw().Query("/v1/agent/self", &self, (&consulapi.QueryOptions{}).WithContext(ctx)); err != nil {
 		return nil, fmt.Errorf("broker: consul agent at %s: %w", cfg.Consul.Address, err)
 	}
-	node, _ := self["Config"]["NodeName"].(string)
+	node := self.Config.NodeName
 	if node == "" {
 		return nil, fmt.Errorf("broker: consul agent at %s reports no node name", cfg.Consul.Address)
 	}
@@ -218,9 +226,8 @@ func Register(ctx context.Context, cfg RegistrationConfig) (*Registration, error
 	if !addr.IsValid() || addr.IsUnspecified() {
 		// The broker listens on every address; announce the one the agent
 		// gossips on, which is this host's address in the cluster.
-		s, _ := self["Member"]["Addr"].(string)
-		if addr, err = netip.ParseAddr(s); err != nil {
-			return nil, fmt.Errorf("broker: announce address: %s is unspecified and the agent's address %q is not an IP", cfg.Address, s)
+		if addr, err = netip.ParseAddr(self.Member.Addr); err != nil {
+			return nil, fmt.Errorf("broker: announce address: %s is unspecified and the agent's address %q is not an IP", cfg.Address, self.Member.Addr)
 		}
 	}
 
@@ -377,11 +384,7 @@ func (r *Registration) keepRegistered(ctx context.Context) {
 	defer close(r.done)
 	var failures int
 	for {
-		wait := jitter(r.cfg.ResyncInterval)
-		if failures > 0 {
-			wait = jitter(min(keeperBackoffMax, keeperBackoffMin<<min(failures-1, 16)))
-		}
-		t := time.NewTimer(wait)
+		t := time.NewTimer(jitter(keeperWait(r.cfg.ResyncInterval, failures)))
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -395,16 +398,27 @@ func (r *Registration) keepRegistered(ctx context.Context) {
 		}
 		switch {
 		case err != nil && failures == 0:
-			r.log.Warn("consul registration: agent unreachable or refusing; retrying", "err", err)
+			r.log.Warn("consul registration: agent unreachable or refusing; retrying", "error", err)
 			failures++
 		case err != nil:
-			r.log.Debug("consul registration: still failing", "err", err, "attempt", failures+1)
+			r.log.Debug("consul registration: still failing", "error", err, "attempt", failures+1)
 			failures++
 		case failures > 0:
 			r.log.Info("consul registration: agent reachable again", "failed_attempts", failures)
 			failures = 0
 		}
 	}
+}
+
+// keeperWait is the keeper's pause before its next look: the resync
+// interval while all is well, else an exponential backoff from
+// keeperBackoffMin, capped at keeperBackoffMax, after failures failed looks
+// in a row. Never zero: a failing agent is never asked in a hot loop.
+func keeperWait(interval time.Duration, failures int) time.Duration {
+	if failures <= 0 {
+		return interval
+	}
+	return min(keeperBackoffMax, keeperBackoffMin<<min(failures-1, 16))
 }
 
 // resync is one look of the keeper.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -354,8 +355,8 @@ func TestConsulCheckHysteresis(t *testing.T) {
 }
 
 // TestConsulMaintenance: Maintenance(true) takes the instance out of the
-// proxies' passing results while it stays registered; Maintenance(false)
-// brings it back.
+// proxies' healthy set while it stays registered; Maintenance(false) brings
+// it back; an operator's maintenance is not undone by the keeper.
 func TestConsulMaintenance(t *testing.T) {
 	agent := consultest.Start(t, consultest.Options{})
 	c := consulClient(t, agent)
@@ -374,6 +375,15 @@ func TestConsulMaintenance(t *testing.T) {
 		t.Fatalf("Maintenance(false): %v", err)
 	}
 	consulWaitPassing(t, c, id)
+
+	// An operator's `consul maint -enable -service=ID` is the same agent
+	// call; the keeper, looking every 300ms, leaves it alone.
+	if err := c.Agent().EnableServiceMaintenance(id, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	consulWaitNotPassing(t, c, id)
+	time.Sleep(1500 * time.Millisecond)
+	consulAssertMaintenance(t, c, id, "operator")
 }
 
 // consulAssertMaintenance: the instance is registered, in maintenance for
@@ -522,5 +532,106 @@ func TestConsulRegistrationConfigErrors(t *testing.T) {
 		cfg.CheckInterval != 2*time.Second || cfg.CheckTimeout != time.Second ||
 		cfg.FailuresBeforeCritical != 3 || cfg.SuccessBeforePassing != 2 || cfg.DeregisterCriticalAfter != 0 {
 		t.Fatalf("defaults: %+v", cfg)
+	}
+}
+
+// TestConsulRegisterReplacesStaleRegistration: a previous life of the
+// instance left a registration under the same id, with other checks and an
+// old address; Register replaces all of it (ReplaceExistingChecks), and an
+// unspecified announce address becomes the agent's own.
+func TestConsulRegisterReplacesStaleRegistration(t *testing.T) {
+	agent := consultest.Start(t, consultest.Options{})
+	c := consulClient(t, agent)
+	z := newConsulReadyz(t)
+	cfg := consulTestRegistration(agent, z)
+	cfg.Address = netip.MustParseAddrPort("0.0.0.0:18831")
+	cfg.ServiceID = "broker-a"
+	stale := &consulapi.AgentServiceRegistration{
+		ID: cfg.ServiceID, Name: registrationService, Address: "10.9.9.9", Port: 1,
+		Meta: map[string]string{"shard": "2", "shards": "9"},
+		Checks: consulapi.AgentServiceChecks{
+			{CheckID: "stale-tcp", TCP: "127.0.0.1:1", Interval: "10s"},
+			{CheckID: "service:broker-a", HTTP: "http://127.0.0.1:1/readyz", Interval: "10s"},
+		},
+	}
+	if err := c.Agent().ServiceRegister(stale); err != nil {
+		t.Fatal(err)
+	}
+	r := consulRegister(t, cfg)
+
+	e := consulWaitPassing(t, c, r.ServiceID())
+	if s := e.Service; s.Address != "127.0.0.1" || s.Port != 18831 || s.Meta["shard"] != "1" || s.Meta["shards"] != "3" {
+		t.Fatalf("service %s:%d meta %v, want the agent's 127.0.0.1:18831, shard 1 of 3", s.Address, s.Port, s.Meta)
+	}
+	checks, err := c.Agent().ChecksWithFilter(`ServiceID == "broker-a"`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(checks) != 1 || checks["service:broker-a"] == nil || !strings.Contains(checks["service:broker-a"].Output, z.url()) {
+		t.Fatalf("checks of broker-a: %v, want only service:broker-a on %s", checks, z.url())
+	}
+}
+
+// TestConsulRegisterHungAgent: the initial registration gives up when ctx
+// does, even against an agent that accepts and never answers.
+func TestConsulRegisterHungAgent(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer conn.Close() // held open, unanswered, until the test ends
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = Register(ctx, RegistrationConfig{
+		Consul:   &consulapi.Config{Address: ln.Addr().String()},
+		Address:  netip.MustParseAddrPort("127.0.0.1:1883"),
+		CheckURL: "http://127.0.0.1:9884/readyz",
+	})
+	if err == nil || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Register against a hung agent: %v, want the context's deadline", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("Register took %v against a hung agent, with a 300ms context", d)
+	}
+}
+
+// TestConsulKeeperBackoff: the keeper's pauses — the resync interval when
+// all is well, else a backoff that grows, is capped, and is never zero —
+// spread by jitter.
+func TestConsulKeeperBackoff(t *testing.T) {
+	if got := keeperWait(3*time.Second, 0); got != 3*time.Second {
+		t.Fatalf("wait with no failure: %v, want the interval", got)
+	}
+	prev := time.Duration(0)
+	for f := 1; f < 100; f++ {
+		w := keeperWait(3*time.Second, f)
+		if w < keeperBackoffMin || w > keeperBackoffMax || w < prev {
+			t.Fatalf("wait after %d failures: %v (before: %v), want growing within [%v, %v]", f, w, prev, keeperBackoffMin, keeperBackoffMax)
+		}
+		prev = w
+	}
+	if prev != keeperBackoffMax {
+		t.Fatalf("wait after many failures: %v, want the cap %v", prev, keeperBackoffMax)
+	}
+	seen := map[time.Duration]bool{}
+	for range 1000 {
+		j := jitter(time.Second)
+		if j < 800*time.Millisecond || j > 1200*time.Millisecond {
+			t.Fatalf("jitter(1s) = %v, want within ±20%%", j)
+		}
+		seen[j] = true
+	}
+	if len(seen) < 100 {
+		t.Fatalf("jitter(1s) took %d values in 1000 draws", len(seen))
 	}
 }

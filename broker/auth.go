@@ -156,7 +156,7 @@ func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) boo
 			return false
 		}
 	case !hasUser:
-		// MQTT 5 allows a password without a username [MQTT-3.1.2-22];
+		// MQTT 5 allows a password without a username (5.0 §3.1.2.9);
 		// there is no user to check it against.
 		h.refused(cl, "password without username", pk)
 		return false
@@ -359,8 +359,7 @@ func (a *aclRules) allowed(id string, username []byte, topic string, write bool)
 		}
 	}
 	want := strings.Split(topic, "/")
-	// One pass, so that a %u inside the client id stays text.
-	x := expansion{r: strings.NewReplacer("%c", id, "%u", user)}
+	x := expansion{id: id, user: user}
 	if !plainLevel(id) {
 		x.bad |= holdsClient
 	}
@@ -393,8 +392,31 @@ func (a *aclRules) allowed(id string, username []byte, topic string, write bool)
 
 // expansion puts a client's id and username into a rule's levels.
 type expansion struct {
-	r   *strings.Replacer
-	bad template // the placeholders whose value is not one plain level
+	id, user string
+	bad      template // the placeholders whose value is not one plain level
+}
+
+// expand returns level with %c and %u replaced, in one pass, so that a
+// "%u" inside the client id stays text.
+func (x expansion) expand(level string) string {
+	var b strings.Builder
+	for {
+		i := strings.IndexByte(level, '%')
+		if i < 0 || i == len(level)-1 {
+			b.WriteString(level)
+			return b.String()
+		}
+		b.WriteString(level[:i])
+		switch level[i+1] {
+		case 'c':
+			b.WriteString(x.id)
+		case 'u':
+			b.WriteString(x.user)
+		default:
+			b.WriteString(level[i : i+2])
+		}
+		level = level[i+2:]
+	}
 }
 
 // plainLevel reports whether s can stand in a topic level as text only.
@@ -417,7 +439,7 @@ func (r *aclRule) covers(filter []string, x expansion) bool {
 		case t&x.bad != 0:
 			rl = "+"
 		case t != 0:
-			rl = x.r.Replace(rl)
+			rl = x.expand(rl)
 		}
 		if rl == "#" {
 			// "a/#" also matches "a" [MQTT-4.7.1-2].

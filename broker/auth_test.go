@@ -464,3 +464,20 @@ func TestACLOverTheWire(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+func TestACLExpand(t *testing.T) {
+	x := expansion{id: "d%u1", user: "bob"}
+	for in, want := range map[string]string{
+		"%c":        "d%u1", // one pass: the id's %u stays text
+		"%u-%c":     "bob-d%u1",
+		"100%":      "100%",
+		"%x%c":      "%xd%u1",
+		"plain":     "plain",
+		"%%c":       "%%c",
+		"a%ub%uc%c": "abobbbobcd%u1",
+	} {
+		if got := x.expand(in); got != want {
+			t.Errorf("expand(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

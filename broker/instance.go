@@ -348,12 +348,11 @@ func (i *Instance) resyncSessions() (int, error) {
 		if cl.Net.Inline || !persistent(cl) || !n.holds(cl) {
 			continue
 		}
-		gen, ok := st.generation(n.instance, cl.ID)
-		if !ok {
-			continue
-		}
+		// No generation: the device connected during the outage and its
+		// claim failed; it is claimed now.
+		gen, claimed := st.generation(n.instance, cl.ID)
 		ctx, cancel := callCtx(i.timeout)
-		err := i.resyncSession(ctx, cl, gen)
+		err := i.resyncSession(ctx, cl, gen, claimed)
 		cancel()
 		switch {
 		case errors.Is(err, errSessionMoved):
@@ -368,7 +367,7 @@ func (i *Instance) resyncSessions() (int, error) {
 
 var errSessionMoved = errors.New("session claimed by another instance")
 
-func (i *Instance) resyncSession(ctx context.Context, cl *mqtt.Client, gen int64) error {
+func (i *Instance) resyncSession(ctx context.Context, cl *mqtt.Client, gen int64, claimed bool) error {
 	n, st := i.n, i.sessions
 	keys := st.keys.clientKeys(cl.ID)
 	vals, err := i.rdb.HMGet(ctx, keys[0], "owner", "gen").Result()
@@ -378,8 +377,9 @@ func (i *Instance) resyncSession(ctx context.Context, cl *mqtt.Client, gen int64
 	owner, _ := vals[0].(string)
 	stored, _ := vals[1].(string)
 	switch {
-	case vals[0] == nil:
-		// Lost (Redis restarted empty): claim it again.
+	case vals[0] == nil || !claimed:
+		// Lost (Redis restarted empty), or never claimed (the device
+		// connected during the outage): claim it.
 		if _, err := st.Claim(ctx, cl.ID, n.instance); err != nil {
 			return err
 		}

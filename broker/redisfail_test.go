@@ -88,6 +88,11 @@ func TestRedisDownLocalDeliveryGoesOn(t *testing.T) {
 		t.Error("shardgate_broker_redis_errors_total = 0 after failed Redis calls")
 	}
 
+	// A device that connects during the outage is served; its session
+	// claim fails, and is made when Redis returns.
+	late := client311(t, a.Addr(), "rf-late", false, nil)
+	subscribe311(t, late, "late/x", 1)
+
 	srv.Restart()
 	waitUntil(t, "the fault clears on both instances", func() bool {
 		return a.RedisError() == nil && b.RedisError() == nil
@@ -114,6 +119,11 @@ func TestRedisDownLocalDeliveryGoesOn(t *testing.T) {
 	waitUntil(t, "the lost session written afresh", func() bool {
 		owner, _ := rdb.HGet(context.Background(), keys[0], "owner").Result()
 		return owner == "rf-a" && rdb.HExists(context.Background(), keys[1], "local/x").Val()
+	})
+	lateKeys := keyspace{"rf"}.clientKeys("rf-late")
+	waitUntil(t, "the session of the device connected during the outage written", func() bool {
+		owner, _ := rdb.HGet(context.Background(), lateKeys[0], "owner").Result()
+		return owner == "rf-a" && rdb.HExists(context.Background(), lateKeys[1], "late/x").Val()
 	})
 	subscribe311(t, sub, "local/y", 1)
 	waitUntil(t, "a subscription made after recovery stored", func() bool {

@@ -481,3 +481,39 @@ func TestACLExpand(t *testing.T) {
 		}
 	}
 }
+
+// Whatever a client calls itself and whatever it asks for, a %c rule
+// grants only its own subtree, and only to an id that is one plain level.
+func FuzzACLOwnSubtree(f *testing.F) {
+	acl, err := parseACL(strings.NewReader("deny write devices/%c/config\nallow readwrite devices/%c/#\n"))
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, s := range [][2]string{
+		{"d1", "devices/d1/x"}, {"+", "devices/+/x"}, {"#", "devices/#"}, {"a/b", "devices/a/b/c"},
+		{"d1", "$share/g/devices/d1/#"}, {"", "devices//x"}, {"d1", "devices/d1/config"}, {"%c", "devices/%c"},
+	} {
+		f.Add(s[0], s[1], false)
+		f.Add(s[0], s[1], true)
+	}
+	f.Fuzz(func(t *testing.T, id, topic string, write bool) {
+		if !acl.allowed(id, nil, topic, write) {
+			return
+		}
+		if !plainLevel(id) {
+			t.Fatalf("id %q (not a plain level) allowed %q", id, topic)
+		}
+		if !write {
+			if _, f, ok := strings.Cut(strings.TrimPrefix(topic, "$share/"), "/"); ok && strings.HasPrefix(topic, "$share/") {
+				topic = f
+			}
+		}
+		own := "devices/" + id
+		if topic != own && !strings.HasPrefix(topic, own+"/") {
+			t.Fatalf("id %q allowed %q outside %s", id, topic, own)
+		}
+		if write && topic == own+"/config" {
+			t.Fatalf("id %q allowed to write its config", id)
+		}
+	})
+}

@@ -86,6 +86,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParseConnect$$' -fuzztime $(FUZZTIME) ./mqttwire/
 	$(GO) test -run '^$$' -fuzz '^FuzzFramer$$' -fuzztime $(FUZZTIME) ./mqttwire/
 	$(GO) test -run '^$$' -fuzz '^FuzzConnackProperties$$' -fuzztime $(FUZZTIME) ./mqttwire/
+	$(GO) test -run '^$$' -fuzz '^FuzzACLOwnSubtree$$' -fuzztime $(FUZZTIME) ./broker/
 
 test: deps consul vet unit fuzz
 

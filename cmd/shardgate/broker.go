@@ -16,6 +16,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/shardgate/shardgate/broker"
 )
@@ -80,6 +81,10 @@ func serveBroker(cfg *broker.FileConfig, log *slog.Logger) error {
 		}()
 	}
 
+	// go-redis logs each failed reconnect of its pub/sub connections on
+	// its own logger; the instance reports a Redis fault once, at error
+	// level, so those lines go to debug.
+	redis.SetLogger(redisLogger{log})
 	rdb, err := cfg.RedisClient()
 	if err != nil {
 		return err
@@ -220,6 +225,13 @@ func shutdownBroker(cfg *broker.FileConfig, log *slog.Logger, sig os.Signal, ins
 	}
 	log.Info("shardgate broker stopped")
 	return err
+}
+
+// redisLogger sends go-redis's internal log lines to slog at debug level.
+type redisLogger struct{ log *slog.Logger }
+
+func (l redisLogger) Printf(ctx context.Context, format string, v ...any) {
+	l.log.DebugContext(ctx, "redis client: "+fmt.Sprintf(format, v...))
 }
 
 func redisName(cfg *broker.FileConfig) string {

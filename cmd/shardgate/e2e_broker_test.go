@@ -315,3 +315,53 @@ func TestE2EBrokerSIGTERMMaintenanceFirst(t *testing.T) {
 		t.Errorf("service still registered after exit: %d entries", len(entries))
 	}
 }
+
+// TestE2EBrokerRedisOutage: redis-server killed under a running broker
+// with a device connected. /readyz turns to 429 with the fault's detail
+// (Consul's warning, still passing) and shardgate_broker_redis_up to 0;
+// the device stays connected and served. Restarted on the same port,
+// Redis is back in /readyz (200) and the metric by itself.
+func TestE2EBrokerRedisOutage(t *testing.T) {
+	t.Parallel()
+	bin := buildShardgate(t)
+	rs := servertest.Redis(t, servertest.RedisOptions{})
+	b := e2eStartBroker(t, bin, e2eBrokerOpts{id: "out-0", shards: 1, redis: rs.String(), keyPrefix: "out"})
+	dev, err := e2eConnectV5(b.mqtt, "out-dev")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Disconnect()
+	if err := dev.Subscribe("out/x", 1); err != nil {
+		t.Fatal(err)
+	}
+	readyz := func(code int, body string) func() (bool, string) {
+		return func() (bool, string) {
+			c, b, err := e2eGet(b.admin, "/readyz")
+			return err == nil && c == code && strings.Contains(string(b), body), fmt.Sprintf("%d %q %v", c, b, err)
+		}
+	}
+	redisUp := func() float64 {
+		_, body, _ := e2eGet(b.admin, "/metrics")
+		return e2eParseMetrics(t, body)[`shardgate_broker_redis_up{shard="0"}`]
+	}
+
+	rs.Kill()
+	e2eWaitFor(t, "/readyz 429 warning", e2eWait, readyz(429, "warning: redis failing since"))
+	if up := redisUp(); up != 0 {
+		t.Errorf("shardgate_broker_redis_up = %v with Redis down", up)
+	}
+	e2eRoundTrip(t, dev, "out/x", "during")
+
+	rs.Restart()
+	e2eWaitFor(t, "/readyz 200 again", e2eWait, readyz(200, "ok"))
+	if up := redisUp(); up != 1 {
+		t.Errorf("shardgate_broker_redis_up = %v after Redis returned", up)
+	}
+	e2eRoundTrip(t, dev, "out/x", "after")
+	select {
+	case <-dev.Lost():
+		t.Error("the device was disconnected during the outage")
+	default:
+	}
+	b.waitLog(t, e2eWait, "redis answers again")
+}

@@ -219,6 +219,9 @@ func (i *Instance) Close() error {
 	i.closeOnce.Do(func() {
 		close(i.stopWatch)
 		<-i.watchDone
+		// The stats hook stays on a client the caller keeps: it must not
+		// go on refusing calls once no watch can clear it.
+		i.stats.down.Store(false)
 		i.n.leave()
 		i.closeErr = i.n.close()
 	})

@@ -1,6 +1,7 @@
 // Command shardgate is a layer-4, shard-aware load balancer for MQTT.
 //
 //	shardgate proxy --config proxy.yaml   run the proxy
+//	shardgate broker --config broker.yaml run one instance of a broker shard
 //	shardgate demo                        a demo fleet on 127.0.0.1:1883
 //	shardgate route <client-id>           where a client ID goes (contract v1)
 //	shardgate bench <scenario>            load and capacity benchmarks

@@ -55,6 +55,7 @@ type Config struct {
 	Keepalive     KeepaliveConfig      `yaml:"keepalive"`
 	ProxyProtocol ProxyProtocolConfig  `yaml:"proxy_protocol"`
 	Shutdown      ShutdownConfig       `yaml:"shutdown"`
+	Drain         DrainConfig          `yaml:"drain"`
 	Log           LogConfig            `yaml:"log"`
 }
 
@@ -156,6 +157,23 @@ type ShutdownConfig struct {
 	Grace Duration `yaml:"grace"`
 }
 
+// DrainConfig configures the drain of live connections off an instance
+// that left the healthy set (DESIGN.md, "Health and draining").
+type DrainConfig struct {
+	// Rate is the fraction of the instance's connections at the start of
+	// the drain moved per second. Default 0.05 (5%/s: a drain takes ~20 s).
+	Rate float64 `yaml:"rate"`
+	// MinRate is the least connections moved per second. Default 1.
+	MinRate float64 `yaml:"min_rate"`
+	// DisconnectBroker sends the broker a normal DISCONNECT (E0 00) on the
+	// device's behalf, at a packet boundary, so the broker does not fire
+	// the will of a device that is only moving. Default true.
+	DisconnectBroker *bool `yaml:"disconnect_broker"`
+	// DisconnectDeviceV5 sends MQTT 5 devices DISCONNECT 0x9C (use another
+	// server) at a packet boundary before the close. Default true.
+	DisconnectDeviceV5 *bool `yaml:"disconnect_device_v5"`
+}
+
 // LogConfig configures logging.
 type LogConfig struct {
 	// Level is debug, info (default), warn or error.
@@ -175,6 +193,8 @@ const (
 	DefaultKeepaliveFactor   = 1.5
 	DefaultShutdownGrace     = 30 * time.Second
 	DefaultAdmissionLog      = 10 * time.Second
+	DefaultDrainRate         = 0.05
+	DefaultDrainMinRate      = 1.0
 )
 
 // LoadConfig reads, defaults and validates a YAML file. Unknown fields are
@@ -315,6 +335,18 @@ func (c *Config) SetDefaults() {
 	if c.Shutdown.Grace == 0 {
 		c.Shutdown.Grace = Duration(DefaultShutdownGrace)
 	}
+	if c.Drain.Rate == 0 {
+		c.Drain.Rate = DefaultDrainRate
+	}
+	if c.Drain.MinRate == 0 {
+		c.Drain.MinRate = DefaultDrainMinRate
+	}
+	if c.Drain.DisconnectBroker == nil {
+		c.Drain.DisconnectBroker = ptrTrue()
+	}
+	if c.Drain.DisconnectDeviceV5 == nil {
+		c.Drain.DisconnectDeviceV5 = ptrTrue()
+	}
 	if c.Log.Level == "" {
 		c.Log.Level = "info"
 	}
@@ -394,6 +426,12 @@ func (c *Config) Validate() error {
 	if c.ProxyProtocol.Send != "" && c.ProxyProtocol.Send != "v2" {
 		bad("proxy_protocol.send", "%q is not v2", c.ProxyProtocol.Send)
 	}
+	if r := c.Drain.Rate; math.IsNaN(r) || r <= 0 || r > 1 {
+		bad("drain.rate", "%v is outside (0, 1] (a fraction per second)", r)
+	}
+	if r := c.Drain.MinRate; math.IsNaN(r) || math.IsInf(r, 0) || r <= 0 {
+		bad("drain.min_rate", "%v is not a finite number > 0", r)
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -407,6 +445,8 @@ func (c *Config) Validate() error {
 	}
 	return nil
 }
+
+func ptrTrue() *bool { t := true; return &t }
 
 // AdmissionConfig is the admission settings this config describes.
 func (c *Config) AdmissionConfig() AdmissionConfig {

@@ -23,13 +23,15 @@ import (
 
 func runBench(args []string) error {
 	if len(args) < 1 {
-		return errors.New("usage: shardgate bench idle [flags]")
+		return errors.New("usage: shardgate bench idle|propagation [flags]")
 	}
 	switch args[0] {
 	case "idle":
 		return benchIdle(args[1:])
+	case "propagation":
+		return benchPropagation(args[1:])
 	default:
-		return fmt.Errorf("unknown scenario %q (known: idle)", args[0])
+		return fmt.Errorf("unknown scenario %q (known: idle, propagation)", args[0])
 	}
 }
 

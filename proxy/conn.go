@@ -18,12 +18,13 @@ import (
 // loop below: accept → peek → route → admit → dial → replay → relay → close.
 // Refused devices take a side exit through linger.
 const (
-	stClosed uint8 = iota
-	stPeek         // reading the CONNECT from the device, under the CONNECT deadline
-	stDial         // connecting to the broker; the device is not watched
-	stReplay       // writing the peeked bytes (and a PROXY header) to the broker
-	stRelay        // moving bytes both ways
-	stLinger       // refused: CONNACK sent, reading until the device closes
+	stClosed  uint8 = iota
+	stPeek          // reading the CONNECT from the device, under the CONNECT deadline
+	stDial          // connecting to the broker; the device is not watched
+	stReplay        // writing the peeked bytes (and a PROXY header) to the broker
+	stRelay         // moving bytes both ways
+	stLinger        // refused: CONNACK sent, reading until the device closes
+	stDrained       // moved by a drain: DISCONNECTs sent, reading until both peers close
 )
 
 // conn flags.
@@ -35,6 +36,7 @@ const (
 	fUpShut                     // FIN passed on to the broker (shutdown SHUT_WR)
 	fDownShut                   // FIN passed on to the device
 	fConnack                    // MQTT 5: the broker's CONNACK is still to be read (watchConnack)
+	fDrain                      // chosen by a drain: relay up to the next packet boundaries, then drainFinish
 )
 
 // epoll interest of one fd, as kept in conn.devEv / conn.bkEv. 0 means the
@@ -107,8 +109,14 @@ type pend struct {
 	off, end int
 }
 
-// activeGauge is one connections_active series, looked up once per connect.
-type activeGauge struct{ g prometheus.Gauge }
+// activeGauge is one connections_active series of a loop, looked up once
+// per connect, with the loop's own count of the series' connections and the
+// instance's count over all loops (for drains).
+type activeGauge struct {
+	g    prometheus.Gauge
+	inst *instLive
+	n    int // this loop's relaying connections of the series
+}
 
 // lingerTicks is how long a refused device gets to read its CONNACK and close
 // before the proxy closes: closing with unread input would send a RST, which
@@ -382,6 +390,8 @@ func (l *loop) relayStart(c *conn) {
 	l.pktUp += uint64(k) + 1
 	c.gauge = l.activeGaugeFor(hs.shard, hs.inst.ID)
 	c.gauge.g.Inc()
+	c.gauge.n++
+	c.gauge.inst.n.Add(1)
 	c.flags |= fCounted
 	l.freeHandshake(c.hs)
 	c.hs = nil
@@ -401,6 +411,9 @@ func (l *loop) relayStart(c *conn) {
 // armKeepalive sets the keepalive timer of a relaying connection from its
 // device's last byte, or disarms it when the silence allowed is unlimited.
 func (l *loop) armKeepalive(c *conn) {
+	if c.flags&fDrain != 0 {
+		return // the timer bounds the drain's wait for a boundary
+	}
 	if c.kaTicks == 0 {
 		l.wheel.remove(&c.timer)
 		return
@@ -438,6 +451,10 @@ func (l *loop) relay(c *conn, isDev bool, ev uint32) {
 			return
 		}
 	}
+	if c.flags&fDrain != 0 {
+		l.drainStep(c)
+		return
+	}
 	l.syncInterest(c)
 }
 
@@ -462,6 +479,12 @@ func (l *loop) relayRead(c *conn, fromDev bool) {
 		return
 	}
 	b := l.buf[:n]
+	if c.flags&fDrain != 0 {
+		if b = drainCut(c, fromDev, b); len(b) == 0 {
+			return
+		}
+		n = len(b)
+	}
 	var k int
 	if fromDev {
 		c.lastDev = l.now
@@ -586,6 +609,16 @@ func (l *loop) syncInterest(c *conn) {
 	}
 	if c.up != nil {
 		bk |= evOut
+	}
+	if c.flags&fDrain != 0 {
+		// Being moved: read each side only up to its next packet
+		// boundary (drainCut); at the boundary it waits for drainFinish.
+		if c.upF.AtBoundary() {
+			dev &^= evIn
+		}
+		if c.downF.AtBoundary() {
+			bk &^= evIn
+		}
 	}
 	if l.setInterest(c, true, dev) {
 		l.setInterest(c, false, bk)
@@ -747,6 +780,11 @@ func (l *loop) expire(t *timer) {
 	case stDial, stReplay:
 		l.dialFailed(c, unix.ETIMEDOUT)
 	case stRelay:
+		if c.flags&fDrain != 0 {
+			// No packet boundary within drainBoundaryTicks.
+			l.closeConn(c)
+			return
+		}
 		if due := c.idleDue(); int32(due-l.now) > 0 {
 			// The device spoke since the timer was set.
 			l.wheel.add(t, due)
@@ -754,7 +792,7 @@ func (l *loop) expire(t *timer) {
 		}
 		l.idleCloses++
 		l.closeConn(c)
-	case stLinger:
+	case stLinger, stDrained:
 		l.closeConn(c)
 	}
 }
@@ -784,6 +822,8 @@ func (l *loop) closeConn(c *conn) {
 	l.releaseAdmission(c)
 	if c.flags&fCounted != 0 {
 		c.gauge.g.Dec()
+		c.gauge.n--
+		c.gauge.inst.n.Add(-1)
 		c.flags &^= fCounted
 	}
 	if c.hs != nil {

@@ -68,6 +68,8 @@ type loop struct {
 	active atomic.Int64 // connections owned (handshaking and relaying)
 	gauges map[gaugeKey]*activeGauge
 
+	drainState map[*drain]*loopDrain // this loop's progress through each drain
+
 	// Hot counters, added to Metrics once per tick.
 	bytesUp, bytesDown uint64
 	pktUp, pktDown     uint64
@@ -97,6 +99,8 @@ func newLoop(p *Proxy, id int) (*loop, error) {
 		start:  time.Now(),
 		gauges: make(map[gaugeKey]*activeGauge),
 		done:   make(chan struct{}),
+
+		drainState: make(map[*drain]*loopDrain),
 	}
 	l.wheel = newWheel(0)
 	var err error
@@ -208,6 +212,10 @@ func (l *loop) run() {
 				l.acceptFrom(i)
 			}
 		}
+		if ds := l.p.drains.Load(); ds != nil && len(*ds) > 0 {
+			l.drainTurn(*ds)
+			l.finishBatch()
+		}
 		if l.now != l.flushedAt {
 			l.flushCounters()
 		}
@@ -279,6 +287,8 @@ func (l *loop) dispatch(fd int32, ev uint32) {
 		if isDev {
 			l.linger(c)
 		}
+	case stDrained:
+		l.drainedRead(c, isDev)
 	}
 }
 
@@ -444,7 +454,10 @@ func (l *loop) activeGaugeFor(shard int, id string) *activeGauge {
 	k := gaugeKey{shard, id}
 	g := l.gauges[k]
 	if g == nil {
-		g = &activeGauge{g: l.p.metrics.ConnectionsActive.WithLabelValues(strconv.Itoa(shard), id)}
+		g = &activeGauge{
+			g:    l.p.metrics.ConnectionsActive.WithLabelValues(strconv.Itoa(shard), id),
+			inst: l.p.instLiveFor(id),
+		}
 		l.gauges[k] = g
 	}
 	return g

@@ -73,6 +73,11 @@ type Metrics struct {
 	// peer could not take their bytes at once (backpressure); idle
 	// connections hold none.
 	RelayBuffers prometheus.Gauge
+	// DrainRemaining is, per instance being drained, its connections not
+	// moved yet; 0 once the drain ended (done, stopped or shut down).
+	DrainRemaining *prometheus.GaugeVec
+	// Drained counts connections chosen by a drain for a move, by instance.
+	Drained *prometheus.CounterVec
 
 	up, down        prometheus.Counter // Bytes by direction, resolved once
 	pktUp, pktDown  prometheus.Counter
@@ -133,6 +138,14 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Namespace: ns, Name: "relay_buffers",
 			Help: "Relay buffers lent to connections under backpressure.",
 		}),
+		DrainRemaining: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Name: "drain_remaining",
+			Help: "Connections of an instance being drained still to be moved; 0 once its drain ended.",
+		}, []string{"instance"}),
+		Drained: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Name: "drained_total",
+			Help: "Connections moved off an instance that left the healthy set, by instance.",
+		}, []string{"instance"}),
 	}
 	m.up = m.Bytes.WithLabelValues(dirUp)
 	m.down = m.Bytes.WithLabelValues(dirDown)
@@ -152,7 +165,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 	for _, c := range []prometheus.Collector{
 		m.ConnectionsActive, m.Connects, m.ConnectRejects, m.Handoff,
 		m.BackendDial, m.Bytes, m.Packets, m.IdleCloses, m.InstancesHealthy,
-		m.AcceptsShed, m.RelayBuffers,
+		m.AcceptsShed, m.RelayBuffers, m.DrainRemaining, m.Drained,
 	} {
 		if err := reg.Register(c); err != nil {
 			// All or nothing, so a retry on the same registry can work.

@@ -58,6 +58,8 @@ type settings struct {
 	maxClientID  int     // connect.max_client_id_length
 	emptyReject  bool    // empty_client_id: reject
 	proxyV2      bool    // proxy_protocol.send: v2
+	drainBroker  bool    // drain.disconnect_broker
+	drainDevice5 bool    // drain.disconnect_device_v5
 }
 
 func newSettings(cfg *Config, d *Dialer) settings {
@@ -70,6 +72,8 @@ func newSettings(cfg *Config, d *Dialer) settings {
 		maxClientID:  cfg.Connect.MaxClientIDLength,
 		emptyReject:  cfg.EmptyClientID == "reject",
 		proxyV2:      cfg.ProxyProtocol.Send == "v2",
+		drainBroker:  cfg.Drain.DisconnectBroker == nil || *cfg.Drain.DisconnectBroker,
+		drainDevice5: cfg.Drain.DisconnectDeviceV5 == nil || *cfg.Drain.DisconnectDeviceV5,
 	}
 }
 
@@ -100,6 +104,14 @@ type Proxy struct {
 	start   sync.Once
 	started atomic.Bool
 	wakeMu  sync.Mutex // guards the loops' wake fds against close
+
+	// Drains (drain.go): the running ones, read by the loops each turn;
+	// the relaying connections of every instance seen.
+	drains  atomic.Pointer[[]*drain]
+	drainMu sync.Mutex // serialises changes of drains
+	drainWG sync.WaitGroup
+	instMu  sync.Mutex
+	insts   map[string]*instLive
 }
 
 // New validates the options, creates the metrics, and binds every listener
@@ -147,6 +159,7 @@ func New(o Options) (*Proxy, error) {
 		dialLog:   NewSampledLog(log, cfg.Admission.LogInterval.D()),
 		acceptLog: NewSampledLog(log, cfg.Admission.LogInterval.D()),
 		table:     make([]atomic.Pointer[conn], min(rl.Cur, 1<<24)),
+		insts:     make(map[string]*instLive),
 	}
 	loops := cfg.EventLoops
 	if loops <= 0 {
@@ -241,6 +254,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.start.Do(func() {}) // a later Start does nothing
 	if !p.started.Load() {
 		p.closeLoops()
+		p.drainWG.Wait()
 		return nil
 	}
 	p.wakeAll()
@@ -253,6 +267,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}()
 	select {
 	case <-done:
+		p.drainWG.Wait()
 		p.closeWake()
 		return nil
 	case <-ctx.Done():
@@ -260,6 +275,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.state.Store(stateForce)
 	p.wakeAll()
 	<-done
+	p.drainWG.Wait()
 	p.closeWake()
 	return ctx.Err()
 }

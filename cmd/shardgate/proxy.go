@@ -65,7 +65,11 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 	srcDone := make(chan error, 1)
 	go func() {
 		srcDone <- src.Run(ctx, func(s *backend.Snapshot) {
+			prev := router.Load()
 			router.Store(s)
+			// New devices already avoid an instance that left the healthy
+			// set; the proxy now moves its live ones at the drain pace.
+			px.OnSnapshot(prev, s)
 			reportHealthy(px.Metrics().InstancesHealthy, s)
 			log.Info("backends updated", "instances", s.Len(), "healthy", healthyCount(s))
 		})

@@ -56,6 +56,10 @@ type AdminOptions struct {
 	Gatherer prometheus.Gatherer
 	// Ready reports why the proxy is not ready to take devices (nil: ready).
 	Ready func() error
+	// ReadyDetail, when set, adds a line to /readyz whatever the answer:
+	// say "consul unreachable since …, routing on last snapshot" while the
+	// proxy still routes (200). Empty: nothing added.
+	ReadyDetail func() string
 	// Backends, when set, returns the backend listing for /api/v1/backends
 	// (instances with their health-check state). Default: the snapshot's
 	// instances.
@@ -118,14 +122,24 @@ func (a *Admin) Shutdown(ctx context.Context) error { return a.srv.Shutdown(ctx)
 
 func (a *Admin) readyz(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	detail := ""
+	if a.o.ReadyDetail != nil {
+		detail = a.o.ReadyDetail()
+	}
 	if a.o.Ready != nil {
 		if err := a.o.Ready(); err != nil {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			fmt.Fprintf(w, "not ready: %v\n", err)
+			if detail != "" {
+				fmt.Fprintln(w, detail)
+			}
 			return
 		}
 	}
 	fmt.Fprintln(w, "ready")
+	if detail != "" {
+		fmt.Fprintln(w, detail)
+	}
 }
 
 func (a *Admin) route(w http.ResponseWriter, r *http.Request) {

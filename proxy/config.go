@@ -16,6 +16,7 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/shardgate/shardgate/backend"
+	"github.com/shardgate/shardgate/health"
 )
 
 // Config is the proxy's YAML configuration. The zero value of every field
@@ -56,6 +57,7 @@ type Config struct {
 	ProxyProtocol ProxyProtocolConfig  `yaml:"proxy_protocol"`
 	Shutdown      ShutdownConfig       `yaml:"shutdown"`
 	Drain         DrainConfig          `yaml:"drain"`
+	Register      RegisterConfig       `yaml:"register"`
 	Log           LogConfig            `yaml:"log"`
 }
 
@@ -65,6 +67,51 @@ type BackendsConfig struct {
 	// a host name: no DNS on the hot path), shard (0-based; omitted: no
 	// shard) and priority (lower preferred, default 0).
 	Static []backend.StaticInstance `yaml:"static"`
+	// Consul, when its address or service is set, replaces static: the
+	// instances are the healthy (passing or warning) ones of a Consul
+	// service. Exactly one of static and consul is used.
+	Consul *ConsulBackends `yaml:"consul"`
+}
+
+// ConsulBackends is `backends.consul`: where the proxy watches the brokers.
+type ConsulBackends struct {
+	// Address of the Consul HTTP API. Default "127.0.0.1:8500".
+	Address string `yaml:"address"`
+	// Scheme is http (default) or https.
+	Scheme string `yaml:"scheme"`
+	// Datacenter to query. Default: the agent's.
+	Datacenter string `yaml:"datacenter"`
+	// Service is the broker service name. Default "mqtt-broker".
+	Service string `yaml:"service"`
+	// Tag keeps only instances carrying it. Default: all.
+	Tag string `yaml:"tag"`
+	// Token is the ACL token (needs service:read and node:read). Default
+	// none.
+	Token string `yaml:"token"`
+	// TLS: ca_file, cert_file, key_file, insecure_skip_verify.
+	TLS health.TLSConfig `yaml:"tls"`
+	// PanicThreshold: when the healthy fraction of the service's instances
+	// falls below it, every known instance takes devices. Default 0: off.
+	PanicThreshold float64 `yaml:"panic_threshold"`
+	// WaitTime is the blocking query's wait. Default 60s.
+	WaitTime Duration `yaml:"wait_time"`
+}
+
+// UsesConsul reports whether the backends come from Consul.
+func (c *Config) UsesConsul() bool { return c.Backends.Consul != nil }
+
+// ConsulConfig is the watcher configuration `backends.consul` describes.
+func (c *Config) ConsulConfig() health.ConsulConfig {
+	pol, _ := backend.ParsePolicy(c.NoInstance)
+	b := c.Backends.Consul
+	if b == nil {
+		b = &ConsulBackends{}
+	}
+	return health.ConsulConfig{
+		Address: b.Address, Scheme: b.Scheme, Datacenter: b.Datacenter, Service: b.Service,
+		Tag: b.Tag, Token: b.Token, TLS: b.TLS, Shards: c.Shards, NoInstance: pol,
+		PanicThreshold: b.PanicThreshold, WaitTime: b.WaitTime.D(),
+	}
 }
 
 // StaticConfig is the backend source configuration this config describes.
@@ -173,6 +220,30 @@ type DrainConfig struct {
 	// server) at a packet boundary before the close. Default true.
 	DisconnectDeviceV5 *bool `yaml:"disconnect_device_v5"`
 }
+
+// RegisterConfig is `register`: the proxy registering itself in Consul,
+// with an HTTP check on its own /readyz, deregistered on shutdown.
+type RegisterConfig struct {
+	// Enabled turns registration on. Default false.
+	Enabled bool `yaml:"enabled"`
+	// ConsulAddress is the local agent's HTTP API. Default
+	// backends.consul.address, else "127.0.0.1:8500". Scheme, token and
+	// TLS are backends.consul's.
+	ConsulAddress string `yaml:"consul_address"`
+	// Service is the service name. Default "shardgate-proxy".
+	Service string `yaml:"service"`
+	// ID is the service ID on the agent. Default service + "-" + the port of
+	// the first listen address.
+	ID string `yaml:"id"`
+	// Address is the device-facing IP:port announced. Default the first
+	// listen address (an unspecified IP announces the agent's address).
+	Address string `yaml:"address"`
+	// CheckInterval is how often the agent checks /readyz. Default 5s.
+	CheckInterval Duration `yaml:"check_interval"`
+}
+
+// DefaultRegisterService is the service name of a registered proxy.
+const DefaultRegisterService = "shardgate-proxy"
 
 // LogConfig configures logging.
 type LogConfig struct {
@@ -347,6 +418,39 @@ func (c *Config) SetDefaults() {
 	if c.Drain.DisconnectDeviceV5 == nil {
 		c.Drain.DisconnectDeviceV5 = ptrTrue()
 	}
+	if c.Backends.Consul != nil {
+		if c.Backends.Consul.Address == "" {
+			c.Backends.Consul.Address = "127.0.0.1:8500"
+		}
+		if c.Backends.Consul.Service == "" {
+			c.Backends.Consul.Service = health.DefaultService
+		}
+		if c.Backends.Consul.WaitTime == 0 {
+			c.Backends.Consul.WaitTime = Duration(health.DefaultWaitTime)
+		}
+	}
+	if c.Register.Enabled {
+		if c.Register.ConsulAddress == "" {
+			c.Register.ConsulAddress = "127.0.0.1:8500"
+			if c.Backends.Consul != nil {
+				c.Register.ConsulAddress = c.Backends.Consul.Address
+			}
+		}
+		if c.Register.Service == "" {
+			c.Register.Service = DefaultRegisterService
+		}
+		if c.Register.Address == "" && len(c.Listen) > 0 {
+			c.Register.Address = c.Listen[0]
+		}
+		if c.Register.ID == "" {
+			if ap, err := netip.ParseAddrPort(c.Register.Address); err == nil {
+				c.Register.ID = c.Register.Service + "-" + strconv.Itoa(int(ap.Port()))
+			}
+		}
+		if c.Register.CheckInterval == 0 {
+			c.Register.CheckInterval = Duration(5 * time.Second)
+		}
+	}
 	if c.Log.Level == "" {
 		c.Log.Level = "info"
 	}
@@ -383,8 +487,29 @@ func (c *Config) Validate() error {
 	if c.EmptyClientID != "source" && c.EmptyClientID != "reject" {
 		bad("empty_client_id", "%q is neither source nor reject", c.EmptyClientID)
 	}
-	if err := c.StaticConfig().Validate(); err != nil {
+	if c.UsesConsul() {
+		if len(c.Backends.Static) > 0 {
+			bad("backends", "static and consul are exclusive: use one")
+		}
+		if err := c.ConsulConfig().Validate(); err != nil {
+			errs = append(errs, fmt.Errorf("backends.consul.%w", err))
+		}
+	} else if err := c.StaticConfig().Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.Register.Enabled {
+		if c.Admin == "off" {
+			bad("register.enabled", "needs the admin server (its /readyz is the check); admin is off")
+		}
+		if _, err := netip.ParseAddrPort(c.Register.Address); err != nil {
+			bad("register.address", "%q is not IP:port", c.Register.Address)
+		}
+		if c.Register.ID == "" || strings.ContainsFunc(c.Register.ID, func(r rune) bool { return r == '/' || r < 0x20 || r == 0x7f }) {
+			bad("register.id", "%q is empty or holds a / or a control character", c.Register.ID)
+		}
+		if c.Register.CheckInterval.D() < time.Second {
+			bad("register.check_interval", "%s is below 1s (Consul's minimum)", c.Register.CheckInterval.D())
+		}
 	}
 	if c.Connect.MaxSize < 16 || c.Connect.MaxSize > 256<<20 {
 		bad("connect.max_size", "%d is outside 16 B..256 MiB", c.Connect.MaxSize)

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strconv"
@@ -16,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/shardgate/shardgate/backend"
+	"github.com/shardgate/shardgate/health"
 	"github.com/shardgate/shardgate/proxy"
 )
 
@@ -43,16 +45,31 @@ func runProxy(args []string) error {
 // SIGHUP calls reload and applies what can change without a restart: the
 // backends and their health checks. reload may be nil (no reloading).
 // extra collectors are served on /metrics beside the proxy's own.
-func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Config, error), extra ...prometheus.Collector) error {
+func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Config, error), extra ...prometheus.Collector) (err error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(extra...)
 
-	sc := cfg.StaticConfig()
-	sc.Logger = log
-	src, err := backend.NewStatic(sc)
-	if err != nil {
-		return err
+	var (
+		src    backend.Source
+		static *backend.Static
+		consul *health.Consul
+	)
+	if cfg.UsesConsul() {
+		cc := cfg.ConsulConfig()
+		cc.Log = log.With("source", "consul")
+		if consul, err = health.NewConsul(cc); err != nil {
+			return err
+		}
+		reg.MustRegister(consul.Collector())
+		src = consul
+	} else {
+		sc := cfg.StaticConfig()
+		sc.Logger = log
+		if static, err = backend.NewStatic(sc); err != nil {
+			return err
+		}
+		src = static
 	}
 	router := backend.NewRouter(nil)
 	px, err := proxy.New(proxy.Options{Config: cfg, Router: router, Registry: reg, Log: log})
@@ -82,6 +99,12 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 			Ready: func() error {
 				s := router.Load()
 				switch {
+				case s == nil && consul != nil:
+					_, _, cerr := consul.Detail()
+					if cerr != nil {
+						return fmt.Errorf("no backend snapshot yet (consul: %v)", cerr)
+					}
+					return errors.New("no backend snapshot yet (waiting for consul's first answer)")
 				case s == nil:
 					return errors.New("no backend snapshot yet (first health checks running)")
 				case healthyCount(s) == 0:
@@ -89,12 +112,28 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 				}
 				return nil
 			},
+			ReadyDetail: func() string {
+				if consul == nil {
+					return ""
+				}
+				state, since, cerr := consul.Detail()
+				if state == health.StateStale {
+					return fmt.Sprintf("consul unreachable since %s (%v), routing on last snapshot", since.UTC().Format(time.RFC3339), cerr)
+				}
+				return ""
+			},
 			Backends: func() any {
 				l := proxy.SnapshotListing(router.Load())
+				if static == nil {
+					return struct {
+						proxy.BackendListing
+						Consul health.State `json:"consul"`
+					}{l, consul.State()}
+				}
 				return struct {
 					proxy.BackendListing
 					Checks []backend.InstanceStatus `json:"checks"`
-				}{l, src.Status()}
+				}{l, static.Status()}
 			},
 		})
 		if err != nil {
@@ -108,7 +147,28 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 		}()
 	}
 	px.Start()
-	log.Info("shardgate proxy started", "listen", px.Addrs(), "admin", cfg.Admin, "event_loops", cfg.EventLoops, "shards", cfg.Shards, "backends", len(cfg.Backends.Static))
+	log.Info("shardgate proxy started", "listen", px.Addrs(), "admin", cfg.Admin, "event_loops", cfg.EventLoops, "shards", cfg.Shards, "backends", backendsDesc(cfg))
+
+	if cfg.Register.Enabled {
+		registration, err := registerProxy(cfg, admin, log)
+		if err != nil {
+			stop()
+			px.Shutdown(canceled())
+			if admin != nil {
+				_ = admin.Shutdown(canceled())
+			}
+			return err
+		}
+		defer func() {
+			dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := registration.Deregister(dctx); err != nil {
+				log.Warn("consul deregistration failed", "err", err)
+			} else {
+				log.Info("deregistered from consul", "id", cfg.Register.ID)
+			}
+		}()
+	}
 
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
@@ -122,7 +182,7 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 			srcDone = nil
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				reloadProxy(reload, src, px, log)
+				reloadProxy(reload, static, px, log)
 				continue
 			}
 			log.Info("stopping: no new devices; waiting for connected devices", "signal", sig.String(), "grace", cfg.Shutdown.Grace.D(), "active", px.Active())
@@ -160,6 +220,12 @@ func reloadProxy(reload func() (*proxy.Config, error), src *backend.Static, px *
 		log.Error("SIGHUP: configuration not reloaded", "err", err)
 		return
 	}
+	if src == nil || next.UsesConsul() {
+		// Consul is the source of the backends: nothing to reload there.
+		px.Admission().Reconfigure(next.AdmissionConfig(), next.Shards)
+		log.Info("SIGHUP: admission reloaded (backends come from consul; changing the source needs a restart)")
+		return
+	}
 	sc := next.StaticConfig()
 	sc.Logger = log
 	if err := src.Reconfigure(sc); err != nil {
@@ -168,6 +234,33 @@ func reloadProxy(reload func() (*proxy.Config, error), src *backend.Static, px *
 	}
 	px.Admission().Reconfigure(next.AdmissionConfig(), next.Shards)
 	log.Info("SIGHUP: backends, health checks and admission reloaded", "backends", len(next.Backends.Static))
+}
+
+func backendsDesc(cfg *proxy.Config) string {
+	if cfg.UsesConsul() {
+		return "consul " + cfg.Backends.Consul.Address + " service " + cfg.Backends.Consul.Service
+	}
+	return strconv.Itoa(len(cfg.Backends.Static)) + " static"
+}
+
+// registerProxy registers the proxy with the local Consul agent, its check
+// an HTTP GET on its own /readyz.
+func registerProxy(cfg *proxy.Config, admin *proxy.Admin, log *slog.Logger) (*health.Registration, error) {
+	cc := cfg.ConsulConfig().APIConfig()
+	cc.Address = cfg.Register.ConsulAddress
+	addr, err := netip.ParseAddrPort(cfg.Register.Address)
+	if err != nil {
+		return nil, fmt.Errorf("register.address: %w", err)
+	}
+	check := "http://" + admin.Addr().String() + "/readyz"
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return health.Register(ctx, health.RegisterConfig{
+		Consul: cc, Service: cfg.Register.Service, ID: cfg.Register.ID, Address: addr,
+		CheckURL: check, CheckInterval: cfg.Register.CheckInterval.D(),
+		Meta: map[string]string{"shards": strconv.Itoa(cfg.Shards), "contract": backend.ContractVersion},
+		Log:  log.With("consul_service", cfg.Register.ID),
+	})
 }
 
 func healthyCount(s *backend.Snapshot) int {

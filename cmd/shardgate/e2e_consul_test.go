@@ -263,3 +263,67 @@ func TestE2EConsulHysteresisInCheck(t *testing.T) {
 	}
 	e2eWaitFor(t, "primary back", e2eWait, func() (bool, string) { a := active(); return a == "primary", a })
 }
+
+// TestE2EConsulFailStatic kills the Consul server under a running proxy:
+// routing goes on on the last snapshot, /readyz stays 200 and says so,
+// shardgate_consul_state is stale; restarted (its catalog survives), the
+// proxy is back to ok and no route changed.
+func TestE2EConsulFailStatic(t *testing.T) {
+	t.Parallel()
+	bin := buildShardgate(t)
+	agent := consultest.Start(t, consultest.Options{DataDir: t.TempDir()})
+	c := e2eConsulClient(t, agent)
+	for s := range 2 {
+		// Catalog registrations of another node: raft state, kept across
+		// the restart as a real fleet's would be.
+		_, err := c.Catalog().Register(&consulapi.CatalogRegistration{
+			Node: fmt.Sprintf("broker-%d", s), Address: "127.0.0.1",
+			Service: &consulapi.AgentService{ID: "mqtt", Service: "mqtt-broker", Port: 20400 + s,
+				Meta: map[string]string{"shard": strconv.Itoa(s), "shards": "2"}},
+			Check: &consulapi.AgentCheck{Node: fmt.Sprintf("broker-%d", s), CheckID: "readyz", Name: "readyz", ServiceID: "mqtt", Status: consulapi.HealthPassing},
+		}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	px := e2eConsulProxy(t, bin, agent, 2, "")
+	px.waitReady(t)
+	ids := []string{"d1", "d2", "d3", "d4", "d5", "d6"}
+	before := map[string]string{}
+	for _, id := range ids {
+		before[id] = px.routeAddr(t, id)
+	}
+
+	agent.Kill()
+	e2eWaitFor(t, "consul_state stale", e2eWait, func() (bool, string) {
+		m := px.metrics(t)
+		return m[`shardgate_consul_state{state="stale"}`] == 1, fmt.Sprint(m[`shardgate_consul_state{state="stale"}`])
+	})
+	code, body, err := e2eGet(px.admin, "/readyz")
+	if err != nil || code != 200 || !strings.Contains(string(body), "consul unreachable since") || !strings.Contains(string(body), "routing on last snapshot") {
+		t.Fatalf("/readyz while consul is down: %d %v %q", code, err, body)
+	}
+	for _, id := range ids {
+		if got := px.routeAddr(t, id); got != before[id] || got == "" {
+			t.Fatalf("%s routed to %q while consul is down, %q before", id, got, before[id])
+		}
+	}
+	px.waitLog(t, e2eWait, "consul unreachable: routing on the last snapshot")
+
+	agent.Restart()
+	e2eWaitFor(t, "consul_state ok", e2eWait, func() (bool, string) {
+		m := px.metrics(t)
+		return m[`shardgate_consul_state{state="ok"}`] == 1, fmt.Sprint(m)
+	})
+	if _, body, _ := e2eGet(px.admin, "/readyz"); strings.TrimSpace(string(body)) != "ready" {
+		t.Fatalf("/readyz after the restart: %q", body)
+	}
+	for _, id := range ids {
+		if got := px.routeAddr(t, id); got != before[id] {
+			t.Fatalf("%s moved to %q after the restart, %q before", id, got, before[id])
+		}
+	}
+	if n := strings.Count(px.out.String(), "backends updated"); n != 1 {
+		t.Fatalf("%d snapshots published; want 1 (the restart changed nothing)\n%s", n, px.out.String())
+	}
+}

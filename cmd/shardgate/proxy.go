@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -149,6 +150,10 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 	px.Start()
 	log.Info("shardgate proxy started", "listen", px.Addrs(), "admin", cfg.Admin, "event_loops", cfg.EventLoops, "shards", cfg.Shards, "backends", backendsDesc(cfg))
 
+	// deregister removes the proxy from Consul first thing on shutdown, so
+	// whatever discovers proxies there stops sending devices while the
+	// connected ones finish; it runs once.
+	deregister := func() {}
 	if cfg.Register.Enabled {
 		registration, err := registerProxy(cfg, admin, log)
 		if err != nil {
@@ -159,15 +164,19 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 			}
 			return err
 		}
-		defer func() {
-			dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			if err := registration.Deregister(dctx); err != nil {
-				log.Warn("consul deregistration failed", "err", err)
-			} else {
-				log.Info("deregistered from consul", "id", cfg.Register.ID)
-			}
-		}()
+		var once sync.Once
+		deregister = func() {
+			once.Do(func() {
+				dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				if err := registration.Deregister(dctx); err != nil {
+					log.Warn("consul deregistration failed", "err", err)
+				} else {
+					log.Info("deregistered from consul", "id", cfg.Register.ID)
+				}
+			})
+		}
+		defer deregister()
 	}
 
 	sigs := make(chan os.Signal, 4)
@@ -185,6 +194,7 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 				reloadProxy(reload, static, px, log)
 				continue
 			}
+			deregister()
 			log.Info("stopping: no new devices; waiting for connected devices", "signal", sig.String(), "grace", cfg.Shutdown.Grace.D(), "active", px.Active())
 			sctx, cancel := context.WithTimeout(context.Background(), cfg.Shutdown.Grace.D())
 			err := px.Shutdown(sctx)

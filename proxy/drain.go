@@ -64,9 +64,15 @@ type drain struct {
 	remaining prometheus.Gauge
 }
 
+// drainScanChunk bounds the fd-table entries one loop turn scans for a
+// drain (~0.25 ms), so a large table does not stall the relay; the scan
+// goes on in the next turn. A variable for the tests.
+var drainScanChunk = 64 << 10
+
 // loopDrain is a loop's own progress through one drain.
 type loopDrain struct {
 	cursor    int    // next fd of the table to look at
+	scanned   int    // entries looked at since the last one found
 	idleUntil uint32 // tick before which the loop does not scan again
 }
 
@@ -114,6 +120,11 @@ func (p *Proxy) startDrain(id string) {
 	inst := p.instLiveFor(id)
 	p.drainMu.Lock()
 	defer p.drainMu.Unlock()
+	if p.state.Load() != stateRunning {
+		// Shutting down: every connection is closing anyway, and
+		// drainWG may be waited on already (waitDrains).
+		return
+	}
 	cur := p.drainList()
 	for _, d := range cur {
 		if d.inst == inst && !d.stopped() {
@@ -162,6 +173,15 @@ func (d *drain) stopped() bool {
 	default:
 		return false
 	}
+}
+
+// waitDrains waits for the pacers to end, once the state is no longer
+// running. Taking drainMu first orders it after any startDrain that saw the
+// running state, so no drainWG.Add races with the Wait.
+func (p *Proxy) waitDrains() {
+	p.drainMu.Lock()
+	p.drainMu.Unlock() //nolint:staticcheck // a barrier, see above
+	p.drainWG.Wait()
 }
 
 // removeDrain takes a finished drain off the list the loops read.
@@ -266,10 +286,16 @@ func (l *loop) drainTurn(ds []*drain) {
 			st.idleUntil = l.now + drainRescanTicks
 			continue
 		}
-		for d.tokens.Load() > 0 {
-			c := l.nextToDrain(d.inst, st)
+		for budget := drainScanChunk; d.tokens.Load() > 0; {
+			c := l.nextToDrain(d.inst, st, &budget)
 			if c == nil {
-				st.idleUntil = l.now + drainRescanTicks
+				if st.scanned >= len(l.p.table) {
+					// A whole round without one: wait a while.
+					st.scanned = 0
+					st.idleUntil = l.now + drainRescanTicks
+				} else {
+					l.drainMore = true // the chunk ran out
+				}
 				break
 			}
 			if !d.takeToken() {
@@ -301,10 +327,13 @@ func (l *loop) ownCount(inst *instLive) int {
 }
 
 // nextToDrain returns this loop's next relaying connection to inst not yet
-// being moved, scanning the fd table from the cursor (once round at most).
-func (l *loop) nextToDrain(inst *instLive, st *loopDrain) *conn {
+// being moved, scanning the fd table from the cursor, at most *budget
+// entries and once round; nil when none was found within them.
+func (l *loop) nextToDrain(inst *instLive, st *loopDrain, budget *int) *conn {
 	t := l.p.table
-	for i := 0; i < len(t); i++ {
+	for *budget > 0 && st.scanned < len(t) {
+		*budget--
+		st.scanned++
 		fd := st.cursor
 		st.cursor++
 		if st.cursor >= len(t) {
@@ -313,6 +342,7 @@ func (l *loop) nextToDrain(inst *instLive, st *loopDrain) *conn {
 		c := t[fd].Load()
 		if c != nil && c.owner == l.id && int(c.dev) == fd && c.state == stRelay &&
 			c.flags&fDrain == 0 && c.gauge != nil && c.gauge.inst == inst {
+			st.scanned = 0
 			return c
 		}
 	}
@@ -361,6 +391,9 @@ func drainCut(c *conn, fromDev bool, b []byte) []byte {
 // unread input would send a RST, which may destroy the DISCONNECT before it
 // is read).
 func (l *loop) drainFinish(c *conn) {
+	// c.up and c.down are nil, so the last writes were taken whole and the
+	// sockets' send buffers have room for a 2- or 3-byte packet; a write
+	// that fails anyway leaves just the close, as for a lost device.
 	var b [4]byte
 	if l.p.set.drainBroker && c.flags&fUpShut == 0 {
 		// A normal disconnection, E0 00 at every level: the broker

@@ -217,6 +217,7 @@ func TestDrainDisconnectAfterLargePublish(t *testing.T) {
 		t.Fatalf("3.1.1 device got %x, want only the close", b)
 	}
 	dev.Close()
+	bk.Close()
 	eventually(t, "closed", func() bool { return p.active("A") == 0 })
 }
 
@@ -423,8 +424,29 @@ func BenchmarkDrainScan(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		st := &loopDrain{}
-		if l.nextToDrain(target, st) != nil {
+		budget := len(p.table)
+		if l.nextToDrain(target, st, &budget) != nil {
 			b.Fatal("found one")
 		}
 	}
+}
+
+// TestDrainScanInChunks: with a scan chunk far smaller than the fd table the
+// loops still find every connection promptly, a chunk per turn, without
+// waiting for the next token.
+func TestDrainScanInChunks(t *testing.T) {
+	// Restored after the proxy's shutdown (cleanups run last first).
+	t.Cleanup(func(c int) func() { return func() { drainScanChunk = c } }(drainScanChunk))
+	drainScanChunk = 16
+	fa, fb := fakeBroker(t), fakeBroker(t)
+	p := startProxy(t, proxySetup{shards: 1, instances: drainPair(fa.addr(), fb.addr()), config: fastDrain})
+	const n = 5
+	for i := range n {
+		dev := dialProxy(t, p.addr)
+		dev.Write(connectPacket(mqttwire.Level311, fmt.Sprintf("c%d", i), 0))
+		fa.accept(t)
+	}
+	eventually(t, "relaying", func() bool { return p.active("A") == n })
+	failA(p)
+	counterIs(t, "drained_total{A}", p.metrics.Drained.WithLabelValues("A"), n)
 }

@@ -69,6 +69,7 @@ type loop struct {
 	gauges map[gaugeKey]*activeGauge
 
 	drainState map[*drain]*loopDrain // this loop's progress through each drain
+	drainMore  bool                  // a drain scan stopped at its chunk: come back at once
 
 	// Hot counters, added to Metrics once per tick.
 	bytesUp, bytesDown uint64
@@ -212,6 +213,7 @@ func (l *loop) run() {
 				l.acceptFrom(i)
 			}
 		}
+		l.drainMore = false
 		if ds := l.p.drains.Load(); ds != nil && len(*ds) > 0 {
 			l.drainTurn(*ds)
 			l.finishBatch()
@@ -247,6 +249,9 @@ func (l *loop) run() {
 // armed or counters wait to be flushed, else forever (the wake eventfd
 // interrupts it).
 func (l *loop) timeout() int {
+	if l.drainMore {
+		return 0
+	}
 	if l.wheel.n == 0 && !l.dirty() && l.paused == 0 {
 		return -1
 	}

@@ -254,7 +254,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.start.Do(func() {}) // a later Start does nothing
 	if !p.started.Load() {
 		p.closeLoops()
-		p.drainWG.Wait()
+		p.waitDrains()
 		return nil
 	}
 	p.wakeAll()
@@ -267,7 +267,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	}()
 	select {
 	case <-done:
-		p.drainWG.Wait()
+		p.waitDrains()
 		p.closeWake()
 		return nil
 	case <-ctx.Done():
@@ -275,7 +275,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.state.Store(stateForce)
 	p.wakeAll()
 	<-done
-	p.drainWG.Wait()
+	p.waitDrains()
 	p.closeWake()
 	return ctx.Err()
 }

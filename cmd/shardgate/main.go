@@ -26,7 +26,7 @@ var commands = []struct {
 	{"broker", "run one broker instance of a shard (--config broker.yaml)", runBroker},
 	{"demo", "run a demo fleet: 3 embedded broker shards behind the proxy on 127.0.0.1:1883", runDemo},
 	{"route", "print where a client ID is routed, as JSON (routing contract v1)", runRoute},
-	{"bench", "benchmarks: idle (memory and fds per idle connection)", runBench},
+	{"bench", "benchmarks: idle (memory and fds per idle connection), propagation (consul maint to the last proxy)", runBench},
 }
 
 func main() {

@@ -1,12 +1,10 @@
 package broker
 
 import (
-	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -16,7 +14,8 @@ import (
 
 	consulapi "github.com/hashicorp/consul/api"
 	"github.com/redis/go-redis/v9"
-	"go.yaml.in/yaml/v3"
+
+	"github.com/shardgate/shardgate/internal/yamlconf"
 )
 
 // FileConfig is the YAML configuration of `shardgate broker`: one instance
@@ -187,89 +186,14 @@ func LoadConfig(path string) (*FileConfig, error) {
 // are errors, so a misspelt option fails at start instead of being ignored.
 func ParseConfig(b []byte) (*FileConfig, error) {
 	var c FileConfig
-	var root yaml.Node
-	if err := yaml.Unmarshal(b, &root); err != nil {
+	if err := yamlconf.Decode(b, &c); err != nil {
 		return nil, fmt.Errorf("config: %w", err)
-	}
-	if root.Kind != 0 {
-		dec := yaml.NewDecoder(bytes.NewReader(b))
-		dec.KnownFields(true)
-		if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
-			return nil, fmt.Errorf("config: %w", nameFields(&root, err))
-		}
 	}
 	c.SetDefaults()
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
 	return &c, nil
-}
-
-// nameFields prefixes the decoder's "line N: …" messages with the dotted
-// path of the field on that line, so a value of the wrong type is reported
-// by field name like every other config error.
-func nameFields(root *yaml.Node, err error) error {
-	var te *yaml.TypeError
-	msgs := []string{err.Error()}
-	if errors.As(err, &te) {
-		msgs = te.Errors
-	}
-	out := make([]string, 0, len(msgs))
-	for _, m := range msgs {
-		var line int
-		if _, scanErr := fmt.Sscanf(m, "line %d:", &line); scanErr == nil {
-			// The value quoted in backticks tells apart several keys on
-			// one line ({a: 1, b: x}).
-			val := ""
-			if _, rest, ok := strings.Cut(m, "`"); ok {
-				val, _, _ = strings.Cut(rest, "`")
-			}
-			if path := fieldAtLine(root, line, val, ""); path != "" {
-				m = path + ": " + m
-			}
-		}
-		out = append(out, m)
-	}
-	return errors.New(strings.Join(out, "; "))
-}
-
-// fieldAtLine returns the dotted path of the innermost key on line whose
-// scalar value is val (any value when val is ""), or of the key itself when
-// the key is unknown; "" if none.
-func fieldAtLine(n *yaml.Node, line int, val, path string) string {
-	switch n.Kind {
-	case yaml.DocumentNode:
-		for _, c := range n.Content {
-			if p := fieldAtLine(c, line, val, path); p != "" {
-				return p
-			}
-		}
-	case yaml.MappingNode:
-		for i := 0; i+1 < len(n.Content); i += 2 {
-			k, v := n.Content[i], n.Content[i+1]
-			p := k.Value
-			if path != "" {
-				p = path + "." + k.Value
-			}
-			if inner := fieldAtLine(v, line, val, p); inner != "" {
-				return inner
-			}
-			if k.Line == line && (val == "" || v.Value == val || k.Value == val) {
-				return p
-			}
-		}
-	case yaml.SequenceNode:
-		for i, c := range n.Content {
-			p := fmt.Sprintf("%s[%d]", path, i)
-			if inner := fieldAtLine(c, line, val, p); inner != "" {
-				return inner
-			}
-			if c.Kind == yaml.ScalarNode && c.Line == line && (val == "" || c.Value == val) {
-				return p
-			}
-		}
-	}
-	return ""
 }
 
 // SetDefaults replaces zero values by their defaults.
@@ -596,20 +520,4 @@ func (t TLSConfig) config() (*tls.Config, error) {
 }
 
 // Duration is a time.Duration written as "10s", "1m30s" in YAML.
-type Duration time.Duration
-
-// D returns the time.Duration.
-func (d Duration) D() time.Duration { return time.Duration(d) }
-
-// UnmarshalYAML accepts Go duration strings.
-func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
-	v, err := time.ParseDuration(n.Value)
-	if err != nil {
-		return fmt.Errorf("line %d: `%s` is not a duration (e.g. 10s, 500ms)", n.Line, n.Value)
-	}
-	*d = Duration(v)
-	return nil
-}
-
-// MarshalYAML writes the duration string.
-func (d Duration) MarshalYAML() (any, error) { return time.Duration(d).String(), nil }
+type Duration = yamlconf.Duration

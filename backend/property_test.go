@@ -8,8 +8,8 @@ import (
 	"testing"
 )
 
-// The properties the routing contract promises (issue 2, DESIGN.md "The
-// routing contract"), over at least 100 000 random client IDs.
+// The properties the routing contract promises (docs/routing-contract.md),
+// over at least 100 000 random client IDs.
 
 const propertyIDs = 100000
 

@@ -16,7 +16,7 @@ import (
 	"github.com/shardgate/shardgate/internal/servertest"
 )
 
-// TestRedisDownLocalDeliveryGoesOn is issue 3 item 8: Redis killed under a
+// TestRedisDownLocalDeliveryGoesOn is the broker's Redis-failure promise: Redis killed under a
 // running instance with two local devices exchanging QoS 1 messages. The
 // devices stay connected and every message is delivered, each publish
 // acknowledged within the Redis timeout's bound; the instance reports the

@@ -24,7 +24,7 @@ import (
 // TestIdleFootprint measures what an idle device costs the proxy: it runs
 // the proxy in a child process in front of a real Mosquitto, holds N idle
 // MQTT connections through it, and reads the child's RSS (after a GC) and fd
-// count before and after. The target (issue 2) is 2 fds and at most 1 KiB of
+// count before and after. The target is 2 fds and at most 1 KiB of
 // proxy RSS per idle connection.
 //
 // N defaults to 2000 so the test stays quick; the benchmark figure uses

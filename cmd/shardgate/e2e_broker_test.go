@@ -92,7 +92,7 @@ func (b *e2eBroker) clients(t *testing.T) float64 {
 	return -1
 }
 
-// TestE2EBrokerFailoverDeliversQueuedInOrder is issue 3's takeover proof
+// TestE2EBrokerFailoverDeliversQueuedInOrder is the takeover proof
 // with real processes: two `shardgate broker` instances of shard 0
 // (priority 0 and 1) and one of shard 1 share a redis-server, behind a
 // `shardgate proxy` whose MQTT health checks run every 100 ms. A device

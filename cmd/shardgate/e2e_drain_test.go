@@ -1,6 +1,6 @@
 package main
 
-// End-to-end proof of issue 4: an SRE drains a broker with the ordinary
+// End-to-end proof of draining: an SRE drains a broker with the ordinary
 // `consul maint` command, and the proxy, watching Consul, moves its devices
 // to the shard's standby with their sessions.
 
@@ -136,7 +136,7 @@ func (d *e2eMovingDevice) received(payload string) bool {
 	return false
 }
 
-// TestE2EConsulMaintDrainsToStandby is issue 4's proof with real processes:
+// TestE2EConsulMaintDrainsToStandby is the drain's proof with real processes:
 // three `shardgate broker` instances (shard 0's primary and standby, shard
 // 1) share a redis-server and register in a real Consul agent; a `shardgate
 // proxy` watches the agent. 200 devices of shard 0 with persistent sessions

@@ -1,6 +1,6 @@
 package main
 
-// End-to-end proof of issue 4's last case: the only instance of a shard is
+// End-to-end proof of the drain's last case: the only instance of a shard is
 // put in maintenance with `consul maint`; the proxies drain it anyway, and
 // its devices then follow each proxy's no_instance policy.
 

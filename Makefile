@@ -95,5 +95,13 @@ test: deps consul vet unit fuzz
 bench-idle: build
 	$(BIN) bench idle --conns 9000
 
+# generate rebuilds the committed eBPF objects (ebpf/*_bpfel.go, *_bpfel.o)
+# from their C sources with bpf2go (a go.mod tool). Only needed after editing
+# a .c file; `make build` and `make test` use the committed output and need no
+# C toolchain. Needs clang, llvm and libbpf-dev (Debian: apt-get install -y
+# clang llvm libbpf-dev).
+generate:
+	$(GO) generate ./ebpf/
+
 clean:
 	rm -rf bin

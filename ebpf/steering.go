@@ -1,0 +1,273 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// MaxListenersPerGen is how many listeners of one address one generation
+// can insert (MAX_PER_GEN in reuseport.c). The sockarray holds two
+// generations: generation g uses slots (g%2)*MaxListenersPerGen onwards.
+const MaxListenersPerGen = 128
+
+// DefaultPinBase is where the proxy pins its steering by default.
+const DefaultPinBase = "/sys/fs/bpf/shardgate"
+
+// Pin names inside a steering's pin directory.
+const (
+	pinProg      = "select_active"
+	pinListeners = "listeners"
+	pinActive    = "active"
+	pinCounters  = "counters"
+)
+
+// Counter indexes in the per-CPU counters map (CNT_* in reuseport.c).
+const (
+	cntSelections = iota
+	cntMigrations
+	cntFallbacks
+	cntMax
+)
+
+// Counters are the program's counts since its maps were created.
+type Counters struct {
+	Selections uint64 // new connections sent to the active generation
+	Migrations uint64 // requests moved off a closing listener to it
+	Fallbacks  uint64 // left to the kernel's hash (no active listener)
+}
+
+// Steering is the SK_REUSEPORT program and maps of one listen address,
+// pinned in bpffs so every proxy generation of that address shares them.
+type Steering struct {
+	pinDir    string
+	prog      *ebpf.Program
+	listeners *ebpf.Map
+	active    *ebpf.Map
+	counters  *ebpf.Map
+
+	mu       sync.Mutex
+	inserted map[uint32]int // generation → listeners inserted by this process
+}
+
+// PinDirFor is the pin directory of the steering of addr under base: the
+// same config gives the same directory, so the next generation finds it.
+// bpffs refuses names with a dot, so dots and colons become underscores.
+func PinDirFor(base string, addr netip.AddrPort) string {
+	family := "tcp4-"
+	if addr.Addr().Is6() && !addr.Addr().Is4In6() {
+		family = "tcp6-"
+	}
+	ip := strings.NewReplacer(".", "_", ":", "_").Replace(addr.Addr().Unmap().String())
+	return filepath.Join(base, family+ip+"-"+strconv.Itoa(int(addr.Port())))
+}
+
+// OpenSteering opens the steering pinned at pinDir, or creates it. Creation
+// is atomic: everything is pinned into a temporary directory next to pinDir
+// and renamed into place, so a concurrent or crashed opener never leaves a
+// half-made directory; if another process wins the rename, its steering is
+// opened instead. bpffs is mounted at /sys/fs/bpf if pinDir is under it and
+// nothing is mounted there.
+func OpenSteering(pinDir string) (*Steering, error) {
+	s, err := openPinned(pinDir)
+	if err == nil || !errors.Is(err, os.ErrNotExist) {
+		return s, err
+	}
+	parent := filepath.Dir(pinDir)
+	if err := ensureBPFFS(parent); err != nil {
+		return nil, err
+	}
+	tmp, err := os.MkdirTemp(parent, "tmp-"+filepath.Base(pinDir)+"-") // no dots: bpffs
+	if err != nil {
+		return nil, fmt.Errorf("steering: %w", err)
+	}
+	defer os.RemoveAll(tmp) // empty after a successful rename's source is gone
+
+	var objs reuseportObjects
+	if err := loadReuseportObjects(&objs, nil); err != nil {
+		return nil, fmt.Errorf("steering: load: %w", err)
+	}
+	defer objs.Close() // the pins keep them; openPinned takes fresh fds
+	pins := []struct {
+		name string
+		pin  func(string) error
+	}{
+		{pinProg, objs.SelectActive.Pin},
+		{pinListeners, objs.Listeners.Pin},
+		{pinActive, objs.Active.Pin},
+		{pinCounters, objs.Counters.Pin},
+	}
+	for _, p := range pins {
+		if err := p.pin(filepath.Join(tmp, p.name)); err != nil {
+			return nil, fmt.Errorf("steering: pin %s: %w", p.name, err)
+		}
+	}
+	if err := os.Rename(tmp, pinDir); err != nil {
+		if !errors.Is(err, unix.EEXIST) && !errors.Is(err, unix.ENOTEMPTY) {
+			return nil, fmt.Errorf("steering: %w", err)
+		}
+		// Another process created it first: use theirs.
+	}
+	return openPinned(pinDir)
+}
+
+// openPinned opens the pins of an existing steering, checking they match
+// this binary's program; an error wrapping os.ErrNotExist means there is
+// none.
+func openPinned(pinDir string) (s *Steering, err error) {
+	if _, err := os.Stat(pinDir); err != nil {
+		return nil, fmt.Errorf("steering: %w", err)
+	}
+	spec, err := loadReuseport()
+	if err != nil {
+		return nil, fmt.Errorf("steering: %w", err)
+	}
+	s = &Steering{pinDir: pinDir, inserted: make(map[uint32]int)}
+	defer func() {
+		if err != nil {
+			s.Close()
+			s = nil
+		}
+	}()
+	if s.prog, err = ebpf.LoadPinnedProgram(filepath.Join(pinDir, pinProg), nil); err != nil {
+		return s, fmt.Errorf("steering: %w", err)
+	}
+	for _, m := range []struct {
+		name string
+		dst  **ebpf.Map
+	}{{pinListeners, &s.listeners}, {pinActive, &s.active}, {pinCounters, &s.counters}} {
+		if *m.dst, err = ebpf.LoadPinnedMap(filepath.Join(pinDir, m.name), nil); err != nil {
+			return s, fmt.Errorf("steering: %w", err)
+		}
+		if err = spec.Maps[m.name].Compatible(*m.dst); err != nil {
+			return s, fmt.Errorf("steering: pinned map %s in %s is from another version (remove the directory): %w", m.name, pinDir, err)
+		}
+	}
+	return s, nil
+}
+
+// ensureBPFFS makes dir (and its parents) on a bpffs, mounting bpffs at
+// /sys/fs/bpf first if dir is under it and it is not mounted.
+func ensureBPFFS(dir string) error {
+	const root = "/sys/fs/bpf"
+	if strings.HasPrefix(filepath.Clean(dir)+"/", root+"/") && !isBPFFS(root) {
+		if err := os.MkdirAll(root, 0o700); err != nil {
+			return fmt.Errorf("steering: %w", err)
+		}
+		if err := unix.Mount("bpf", root, "bpf", 0, "mode=0700"); err != nil {
+			return fmt.Errorf("steering: mount bpffs at %s: %w", root, err)
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("steering: %w", err)
+	}
+	if !isBPFFS(dir) {
+		return fmt.Errorf("steering: %s is not on a bpffs", dir)
+	}
+	return nil
+}
+
+func isBPFFS(path string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(path, &st) == nil && st.Type == unix.BPF_FS_MAGIC
+}
+
+// PinDir returns the steering's pin directory.
+func (s *Steering) PinDir() string { return s.pinDir }
+
+// Attach attaches the program to the SO_REUSEPORT group of listenerFD
+// (SO_ATTACH_REUSEPORT_EBPF). The program belongs to the group, not the
+// socket: one listener per address is enough, and a new generation joining
+// the group finds it attached; attaching again replaces it with itself.
+func (s *Steering) Attach(listenerFD int) error {
+	if err := unix.SetsockoptInt(listenerFD, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, s.prog.FD()); err != nil {
+		return fmt.Errorf("steering: SO_ATTACH_REUSEPORT_EBPF: %w", err)
+	}
+	return nil
+}
+
+// Insert puts the listening sockets fds into generation gen's slots. They
+// take no connection until Activate(gen).
+func (s *Steering) Insert(gen uint32, fds []int) error {
+	if len(fds) == 0 || len(fds) > MaxListenersPerGen {
+		return fmt.Errorf("steering: %d listeners, want 1 to %d", len(fds), MaxListenersPerGen)
+	}
+	base := (gen % 2) * MaxListenersPerGen
+	for i, fd := range fds {
+		if err := s.listeners.Update(base+uint32(i), uint64(fd), ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("steering: insert listener %d of generation %d: %w", i, gen, err)
+		}
+	}
+	s.mu.Lock()
+	s.inserted[gen] = len(fds)
+	s.mu.Unlock()
+	return nil
+}
+
+// activeGen is struct active_gen of reuseport.c.
+type activeGen = reuseportActiveGen
+
+// Activate makes gen, inserted by this Steering, the generation that takes
+// every new connection and every migrating one, from now on.
+func (s *Steering) Activate(gen uint32) error {
+	s.mu.Lock()
+	n, ok := s.inserted[gen]
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("steering: generation %d has no listeners inserted", gen)
+	}
+	v := activeGen{Gen: gen, Base: (gen % 2) * MaxListenersPerGen, Count: uint32(n)}
+	if err := s.active.Update(uint32(0), &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("steering: activate generation %d: %w", gen, err)
+	}
+	return nil
+}
+
+// Active returns the active generation, and false if none was activated.
+func (s *Steering) Active() (uint32, bool, error) {
+	var v activeGen
+	if err := s.active.Lookup(uint32(0), &v); err != nil {
+		return 0, false, fmt.Errorf("steering: %w", err)
+	}
+	return v.Gen, v.Count > 0, nil
+}
+
+// Counters sums the program's per-CPU counters.
+func (s *Steering) Counters() (Counters, error) {
+	var sums [cntMax]uint64
+	for i := range sums {
+		var per []uint64
+		if err := s.counters.Lookup(uint32(i), &per); err != nil {
+			return Counters{}, fmt.Errorf("steering: counters: %w", err)
+		}
+		for _, v := range per {
+			sums[i] += v
+		}
+	}
+	return Counters{Selections: sums[cntSelections], Migrations: sums[cntMigrations], Fallbacks: sums[cntFallbacks]}, nil
+}
+
+// Close closes this process's handles. The pins stay: the program stays
+// attached to the group and the next generation opens the maps.
+func (s *Steering) Close() error {
+	var errs []error
+	if s.prog != nil {
+		errs = append(errs, s.prog.Close())
+	}
+	for _, m := range []*ebpf.Map{s.listeners, s.active, s.counters} {
+		if m != nil {
+			errs = append(errs, m.Close())
+		}
+	}
+	return errors.Join(errs...)
+}

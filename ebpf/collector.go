@@ -20,9 +20,14 @@ var (
 // Collector exports the program's counters, labelled steering=<pin
 // directory name> (one per listen address). The counters live in the pinned
 // map, so they continue across proxy generations.
-func (s *Steering) Collector() prometheus.Collector { return collector{s} }
+func (s *Steering) Collector() prometheus.Collector { return NewCollector(s) }
 
-type collector struct{ s *Steering }
+// NewCollector exports the counters of several steerings (one per listen
+// address) as one collector: a registry takes one collector per set of
+// metric names.
+func NewCollector(ss ...*Steering) prometheus.Collector { return collector(ss) }
+
+type collector []*Steering
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descSelections
@@ -31,12 +36,18 @@ func (c collector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c collector) Collect(ch chan<- prometheus.Metric) {
-	n, err := c.s.Counters()
+	for _, s := range c {
+		collect(ch, s)
+	}
+}
+
+func collect(ch chan<- prometheus.Metric, s *Steering) {
+	n, err := s.Counters()
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(descSelections, err)
 		return
 	}
-	name := filepath.Base(c.s.pinDir)
+	name := filepath.Base(s.pinDir)
 	ch <- prometheus.MustNewConstMetric(descSelections, prometheus.CounterValue, float64(n.Selections), name)
 	ch <- prometheus.MustNewConstMetric(descMigrations, prometheus.CounterValue, float64(n.Migrations), name)
 	ch <- prometheus.MustNewConstMetric(descFallbacks, prometheus.CounterValue, float64(n.Fallbacks), name)

@@ -13,13 +13,14 @@
 
 enum { CNT_SELECTIONS, CNT_MIGRATIONS, CNT_FALLBACKS, CNT_MAX };
 
-// active_gen: which generation takes new connections and where its
-// listeners sit in the sockarray (base .. base+count-1).
+// active_gen: which generation takes new connections, where its listeners
+// sit in the sockarray (base .. base+count-1), and the process that owns
+// them (user space only: the next generation tells it to stop accepting).
 struct active_gen {
 	__u32 gen;
 	__u32 base;
 	__u32 count;
-	__u32 _pad;
+	__u32 pid;
 };
 
 struct {

@@ -18,7 +18,7 @@ type reuseportActiveGen struct {
 	Gen   uint32
 	Base  uint32
 	Count uint32
-	Pad   uint32
+	Pid   uint32
 }
 
 // Names of all BPF objects in the ELF.

@@ -218,7 +218,8 @@ func (s *Steering) Insert(gen uint32, fds []int) error {
 type activeGen = reuseportActiveGen
 
 // Activate makes gen, inserted by this Steering, the generation that takes
-// every new connection and every migrating one, from now on.
+// every new connection and every migrating one, from now on. It records the
+// calling process as the generation's owner (Active().PID).
 func (s *Steering) Activate(gen uint32) error {
 	s.mu.Lock()
 	n, ok := s.inserted[gen]
@@ -226,20 +227,27 @@ func (s *Steering) Activate(gen uint32) error {
 	if !ok {
 		return fmt.Errorf("steering: generation %d has no listeners inserted", gen)
 	}
-	v := activeGen{Gen: gen, Base: (gen % 2) * MaxListenersPerGen, Count: uint32(n)}
+	v := activeGen{Gen: gen, Base: (gen % 2) * MaxListenersPerGen, Count: uint32(n), Pid: uint32(os.Getpid())}
 	if err := s.active.Update(uint32(0), &v, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("steering: activate generation %d: %w", gen, err)
 	}
 	return nil
 }
 
-// Active returns the active generation, and false if none was activated.
-func (s *Steering) Active() (uint32, bool, error) {
+// Generation describes the active generation.
+type Generation struct {
+	Gen       uint32 // 0: none was ever activated
+	Listeners int    // listeners it inserted
+	PID       int    // the process that activated it
+}
+
+// Active returns the active generation.
+func (s *Steering) Active() (Generation, error) {
 	var v activeGen
 	if err := s.active.Lookup(uint32(0), &v); err != nil {
-		return 0, false, fmt.Errorf("steering: %w", err)
+		return Generation{}, fmt.Errorf("steering: %w", err)
 	}
-	return v.Gen, v.Count > 0, nil
+	return Generation{Gen: v.Gen, Listeners: int(v.Count), PID: int(v.Pid)}, nil
 }
 
 // Counters sums the program's per-CPU counters.

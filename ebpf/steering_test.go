@@ -214,8 +214,8 @@ func TestSteeringGenerationHandoverAndMigration(t *testing.T) {
 	if err := s2.Activate(2); err != nil {
 		t.Fatal(err)
 	}
-	if gen, ok, err := s1.Active(); err != nil || !ok || gen != 2 {
-		t.Fatalf("Active() seen by generation 1 = %d, %v, %v; want 2", gen, ok, err)
+	if g, err := s1.Active(); err != nil || g.Gen != 2 || g.Listeners != 2 || g.PID != os.Getpid() {
+		t.Fatalf("Active() seen by generation 1 = %+v, %v; want generation 2, 2 listeners, pid %d", g, err, os.Getpid())
 	}
 	dialN(t, addr, 200)
 	all := []int{g1a, g1b, g2a, g2b}
@@ -318,8 +318,8 @@ func TestSteeringOpenConcurrent(t *testing.T) {
 	if err := opened[0].active.Update(uint32(0), &activeGen{Gen: 7, Count: 1}, 0); err != nil {
 		t.Fatal(err)
 	}
-	if gen, ok, err := opened[7].Active(); err != nil || !ok || gen != 7 {
-		t.Fatalf("Active() = %d, %v, %v through another opener; want 7", gen, ok, err)
+	if g, err := opened[7].Active(); err != nil || g.Gen != 7 {
+		t.Fatalf("Active() = %+v, %v through another opener; want generation 7", g, err)
 	}
 	ents, err := os.ReadDir(filepath.Dir(dir))
 	if err != nil {
@@ -355,8 +355,8 @@ func TestSteeringInsertActivateErrors(t *testing.T) {
 	if err := s.Insert(1, []int{fd}); err == nil {
 		t.Error("Insert of an unbound socket succeeded")
 	}
-	if _, ok, err := s.Active(); err != nil || ok {
-		t.Errorf("Active() = %v, %v on a fresh steering; want none", ok, err)
+	if g, err := s.Active(); err != nil || g != (Generation{}) {
+		t.Errorf("Active() = %+v, %v on a fresh steering; want none", g, err)
 	}
 }
 

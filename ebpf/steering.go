@@ -279,3 +279,42 @@ func (s *Steering) Close() error {
 	}
 	return errors.Join(errs...)
 }
+
+// PruneStale removes the steerings under base whose active generation's
+// process is gone and whose listener slots are all empty: what a proxy
+// killed without its shutdown (SIGKILL, a crash) leaves in bpffs. A
+// steering still being set up (no generation yet) is left alone.
+func PruneStale(base string) {
+	ents, err := os.ReadDir(base)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		dir := filepath.Join(base, e.Name())
+		if !e.IsDir() || strings.HasPrefix(e.Name(), "tmp-") {
+			continue
+		}
+		s, err := openPinned(dir)
+		if err != nil {
+			continue
+		}
+		g, err := s.Active()
+		stale := err == nil && g.Gen != 0 && g.PID != 0 && unix.Kill(g.PID, 0) == unix.ESRCH && s.empty()
+		s.Close()
+		if stale {
+			os.RemoveAll(dir)
+		}
+	}
+}
+
+// empty reports whether no listener sits in the sockarray (closed sockets
+// leave it by themselves).
+func (s *Steering) empty() bool {
+	var cookie uint64
+	for k := uint32(0); k < s.listeners.MaxEntries(); k++ {
+		if err := s.listeners.Lookup(k, &cookie); err == nil {
+			return false
+		}
+	}
+	return true
+}

@@ -371,3 +371,29 @@ func TestPinDirFor(t *testing.T) {
 		}
 	}
 }
+
+// A steering whose process is gone and whose listeners are closed is
+// removed; one whose process lives is kept.
+func TestPruneStale(t *testing.T) {
+	dir := testPinDir(t)
+	if _, err := os.Stat("/sys/fs/bpf"); err != nil {
+		privileged(t, "%v", err)
+	}
+	live := openSteering(t, dir)
+	if err := live.active.Update(uint32(0), &activeGen{Gen: 1, Count: 1, Pid: uint32(os.Getpid())}, 0); err != nil {
+		t.Fatal(err)
+	}
+	deadDir := filepath.Join(filepath.Dir(dir), "tcp4-127_0_0_1-1884")
+	dead := openSteering(t, deadDir)
+	// A pid that cannot exist (above pid_max's ceiling).
+	if err := dead.active.Update(uint32(0), &activeGen{Gen: 1, Count: 1, Pid: 1 << 23}, 0); err != nil {
+		t.Fatal(err)
+	}
+	PruneStale(filepath.Dir(dir))
+	if _, err := os.Stat(dir); err != nil {
+		t.Errorf("live steering removed: %v", err)
+	}
+	if _, err := os.Stat(deadDir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stale steering kept: %v", err)
+	}
+}

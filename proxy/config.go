@@ -53,6 +53,7 @@ type Config struct {
 	Keepalive     KeepaliveConfig      `yaml:"keepalive"`
 	ProxyProtocol ProxyProtocolConfig  `yaml:"proxy_protocol"`
 	Shutdown      ShutdownConfig       `yaml:"shutdown"`
+	Reuseport     ReuseportConfig      `yaml:"reuseport"`
 	Drain         DrainConfig          `yaml:"drain"`
 	Register      RegisterConfig       `yaml:"register"`
 	Log           LogConfig            `yaml:"log"`
@@ -201,6 +202,16 @@ type ShutdownConfig struct {
 	Grace Duration `yaml:"grace"`
 }
 
+// ReuseportConfig configures the eBPF steering of new connections between
+// proxy generations (package ebpf).
+type ReuseportConfig struct {
+	// PinDir is the bpffs directory under which each listen address pins
+	// its program and maps; the next proxy generation (shardgate proxy
+	// --upgrade, SIGUSR2) finds them there. Default /sys/fs/bpf/shardgate.
+	// "off": plain SO_REUSEPORT (the kernel's hash), no handover.
+	PinDir string `yaml:"pin_dir"`
+}
+
 // DrainConfig configures the drain of live connections off an instance
 // that left the healthy set (DESIGN.md, "Health and draining").
 type DrainConfig struct {
@@ -260,6 +271,7 @@ const (
 	DefaultDialTimeout       = 5 * time.Second
 	DefaultKeepaliveFactor   = 1.5
 	DefaultShutdownGrace     = 30 * time.Second
+	DefaultReuseportPinDir   = "/sys/fs/bpf/shardgate"
 	DefaultAdmissionLog      = 10 * time.Second
 	DefaultDrainRate         = 0.05
 	DefaultDrainMinRate      = 1.0
@@ -329,6 +341,9 @@ func (c *Config) SetDefaults() {
 	if c.Shutdown.Grace == 0 {
 		c.Shutdown.Grace = Duration(DefaultShutdownGrace)
 	}
+	if c.Reuseport.PinDir == "" {
+		c.Reuseport.PinDir = DefaultReuseportPinDir
+	}
 	if c.Drain.Rate == 0 {
 		c.Drain.Rate = DefaultDrainRate
 	}
@@ -392,6 +407,9 @@ func (c *Config) Validate() error {
 		if _, err := netip.ParseAddrPort(l); err != nil {
 			bad(fmt.Sprintf("listen[%d]", i), "%q is not IP:port", l)
 		}
+	}
+	if c.Reuseport.PinDir != "off" && !strings.HasPrefix(c.Reuseport.PinDir, "/") {
+		bad("reuseport.pin_dir", "%q is not an absolute path (or \"off\")", c.Reuseport.PinDir)
 	}
 	if c.Admin != "off" {
 		if _, err := netip.ParseAddrPort(c.Admin); err != nil {

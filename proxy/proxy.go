@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -23,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shardgate/shardgate/backend"
+	"github.com/shardgate/shardgate/ebpf"
 )
 
 // Options are what New needs.
@@ -99,6 +101,15 @@ type Proxy struct {
 
 	loops []*loop
 	addrs []netip.AddrPort
+
+	// steer is the eBPF steering per listen address (index as addrs), nil
+	// without it (reuseport.pin_dir off, or no privileges: plain
+	// SO_REUSEPORT). gen is this process's generation once Start ran;
+	// prevPIDs the processes of the generations it took over from.
+	steer     []*ebpf.Steering
+	gen       uint32
+	prevPIDs  []int
+	steerDone sync.Once
 
 	state   atomic.Int32
 	start   sync.Once
@@ -194,7 +205,109 @@ func New(o Options) (*Proxy, error) {
 			}
 		}
 	}
+	if cfg.Reuseport.PinDir != "off" {
+		p.openSteering(cfg.Reuseport.PinDir, o.Registry)
+	}
 	return p, nil
+}
+
+// openSteering opens (or creates) the pinned eBPF steering of every listen
+// address. Any failure (no privileges, no bpffs, an old kernel) leaves the
+// proxy on the kernel's SO_REUSEPORT hash, said once in the log.
+func (p *Proxy) openSteering(base string, reg prometheus.Registerer) {
+	ebpf.PruneStale(base)
+	var ss []*ebpf.Steering
+	for _, a := range p.addrs {
+		s, err := ebpf.OpenSteering(ebpf.PinDirFor(base, a))
+		if err != nil {
+			for _, s := range ss {
+				s.Close()
+			}
+			p.log.Warn("eBPF reuseport steering not enabled: no generation handover, queued connections are reset at restart; plain SO_REUSEPORT (kernel hash)",
+				"pin_dir", base, "err", err)
+			return
+		}
+		ss = append(ss, s)
+	}
+	p.steer = ss
+	if reg != nil {
+		if err := reg.Register(ebpf.NewCollector(ss...)); err != nil {
+			p.log.Warn("reuseport counters not exported", "err", err)
+		}
+	}
+}
+
+// activateSteering makes this process's listeners the active generation of
+// each address: from here on every new connection, and every connection
+// queued on a closing listener of an older generation, comes here. It
+// returns how steering is done, for the log.
+func (p *Proxy) activateSteering() string {
+	if p.steer == nil {
+		return "kernel hash"
+	}
+	var gen uint32
+	prev := map[int]bool{}
+	for _, s := range p.steer {
+		g, err := s.Active()
+		if err != nil {
+			p.log.Warn("eBPF reuseport steering: reading the active generation", "err", err)
+		}
+		gen = max(gen, g.Gen)
+		if g.PID != 0 && g.PID != os.Getpid() && g.Listeners > 0 {
+			prev[g.PID] = true
+		}
+	}
+	gen++
+	for i, s := range p.steer {
+		var fds []int
+		for _, l := range p.loops {
+			for _, ln := range l.listeners {
+				if ln.addr == p.addrs[i] && ln.fd >= 0 {
+					fds = append(fds, ln.fd)
+				}
+			}
+		}
+		err := s.Attach(fds[0])
+		if err == nil {
+			err = s.Insert(gen, fds)
+		}
+		if err == nil {
+			err = s.Activate(gen)
+		}
+		if err != nil {
+			// Addresses activated before this one stay steered to
+			// this generation; this one keeps the kernel's hash.
+			p.log.Warn("eBPF reuseport steering not enabled: plain SO_REUSEPORT (kernel hash)", "listen", p.addrs[i], "err", err)
+			return "kernel hash"
+		}
+	}
+	p.gen = gen
+	for pid := range prev {
+		p.prevPIDs = append(p.prevPIDs, pid)
+	}
+	return fmt.Sprintf("ebpf generation %d", gen)
+}
+
+// Generation returns this process's steering generation (0: no eBPF
+// steering) and the processes of the older generations it took every new
+// connection from, to be told to stop accepting (shardgate proxy --upgrade).
+func (p *Proxy) Generation() (uint32, []int) {
+	return p.gen, append([]int(nil), p.prevPIDs...)
+}
+
+// closeSteering closes the steering handles once the listeners are closed.
+// If this process is still the active generation (nobody took over: a plain
+// stop), or none was ever activated, it removes the pins too, so stopped
+// proxies leave nothing in bpffs.
+func (p *Proxy) closeSteering() {
+	p.steerDone.Do(func() {
+		for _, s := range p.steer {
+			if g, err := s.Active(); err == nil && (g.Gen == 0 || g.PID == os.Getpid() && g.Gen == p.gen && p.gen != 0) {
+				os.RemoveAll(s.PinDir())
+			}
+			s.Close()
+		}
+	})
 }
 
 // closeLoops closes the fds of loops that never ran.
@@ -203,6 +316,7 @@ func (p *Proxy) closeLoops() {
 		l.closeFDs()
 	}
 	p.closeWake()
+	p.closeSteering()
 }
 
 // Start runs the event loops. It returns at once.
@@ -212,13 +326,12 @@ func (p *Proxy) Start() {
 			return
 		}
 		p.started.Store(true)
+		steering := p.activateSteering()
 		for _, l := range p.loops {
 			go l.run()
 		}
-		// No eBPF steering yet: the kernel's SO_REUSEPORT hash spreads
-		// new connections over the loops' listeners.
 		p.log.Info("event loops running", "loops", len(p.loops), "listen", p.addrs,
-			"reuseport", "kernel hash")
+			"reuseport", steering)
 	})
 }
 
@@ -269,6 +382,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	case <-done:
 		p.waitDrains()
 		p.closeWake()
+		p.closeSteering()
 		return nil
 	case <-ctx.Done():
 	}
@@ -277,6 +391,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	<-done
 	p.waitDrains()
 	p.closeWake()
+	p.closeSteering()
 	return ctx.Err()
 }
 

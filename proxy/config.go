@@ -54,6 +54,7 @@ type Config struct {
 	ProxyProtocol ProxyProtocolConfig  `yaml:"proxy_protocol"`
 	Shutdown      ShutdownConfig       `yaml:"shutdown"`
 	Reuseport     ReuseportConfig      `yaml:"reuseport"`
+	VIP           VIPConfig            `yaml:"vip"`
 	Drain         DrainConfig          `yaml:"drain"`
 	Register      RegisterConfig       `yaml:"register"`
 	Log           LogConfig            `yaml:"log"`
@@ -210,6 +211,68 @@ type ReuseportConfig struct {
 	// --upgrade, SIGUSR2) finds them there. Default /sys/fs/bpf/shardgate.
 	// "off": plain SO_REUSEPORT (the kernel's hash), no handover.
 	PinDir string `yaml:"pin_dir"`
+}
+
+// VIPConfig configures the optional SK_LOOKUP dispatch (package ebpf,
+// AttachVIP): TCP connections to any address in Prefixes on any port in
+// Ports reach the proxy without a socket bound to each address. The
+// addresses must be local to the host (assigned, or an AnyIP route such as
+// `ip route add local 10.99.0.0/28 dev lo`).
+type VIPConfig struct {
+	// Prefixes are the VIP addresses, IPv4 or IPv6 CIDR prefixes
+	// ("10.99.0.0/28", "192.0.2.7/32"). Empty: no VIP.
+	Prefixes []string `yaml:"prefixes"`
+	// Ports are ports ("1883") or inclusive ranges ("8000-8010").
+	Ports []string `yaml:"ports"`
+	// Listen is where the VIP's own listeners are bound (one per event
+	// loop, SO_REUSEPORT among themselves, outside the reuseport steering:
+	// a socket cannot be in its map and the VIP's SOCKMAP at once). Default
+	// 127.0.0.1:0. A fixed port lets the queued VIP connections of a closing
+	// generation migrate to the next one's listeners.
+	Listen string `yaml:"listen"`
+}
+
+// Enabled says whether a VIP is configured.
+func (v VIPConfig) Enabled() bool { return len(v.Prefixes) > 0 }
+
+// Parsed returns the VIP's prefixes, port ranges and listen address.
+func (v VIPConfig) Parsed() ([]netip.Prefix, [][2]uint16, netip.AddrPort, error) {
+	var errs []error
+	var prefixes []netip.Prefix
+	for i, s := range v.Prefixes {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("vip.prefixes[%d]: %q is not a CIDR prefix", i, s))
+			continue
+		}
+		prefixes = append(prefixes, p)
+	}
+	var ports [][2]uint16
+	for i, s := range v.Ports {
+		first, last, isRange := strings.Cut(s, "-")
+		if !isRange {
+			last = first
+		}
+		a, err1 := strconv.ParseUint(strings.TrimSpace(first), 10, 16)
+		b, err2 := strconv.ParseUint(strings.TrimSpace(last), 10, 16)
+		if err1 != nil || err2 != nil || a == 0 || b < a {
+			errs = append(errs, fmt.Errorf("vip.ports[%d]: %q is not a port or a range first-last (1..65535)", i, s))
+			continue
+		}
+		ports = append(ports, [2]uint16{uint16(a), uint16(b)})
+	}
+	if len(v.Prefixes) > 0 && len(v.Ports) == 0 {
+		errs = append(errs, errors.New("vip.ports: empty, with vip.prefixes set"))
+	}
+	listen := v.Listen
+	if listen == "" {
+		listen = "127.0.0.1:0"
+	}
+	addr, err := netip.ParseAddrPort(listen)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("vip.listen: %q is not IP:port", v.Listen))
+	}
+	return prefixes, ports, addr, errors.Join(errs...)
 }
 
 // DrainConfig configures the drain of live connections off an instance
@@ -410,6 +473,14 @@ func (c *Config) Validate() error {
 	}
 	if c.Reuseport.PinDir != "off" && !strings.HasPrefix(c.Reuseport.PinDir, "/") {
 		bad("reuseport.pin_dir", "%q is not an absolute path (or \"off\")", c.Reuseport.PinDir)
+	}
+	if c.VIP.Enabled() || len(c.VIP.Ports) > 0 || c.VIP.Listen != "" {
+		if !c.VIP.Enabled() {
+			bad("vip.prefixes", "empty, with vip.ports or vip.listen set")
+		}
+		if _, _, _, err := c.VIP.Parsed(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if c.Admin != "off" {
 		if _, err := netip.ParseAddrPort(c.Admin); err != nil {

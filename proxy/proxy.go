@@ -111,6 +111,15 @@ type Proxy struct {
 	prevPIDs  []int
 	steerDone sync.Once
 
+	// vipFD is the first VIP listener (-1: no VIP configured), the one in
+	// the SK_LOOKUP program's SOCKMAP; the kernel spreads its connections
+	// over the VIP listeners of all loops (one SO_REUSEPORT group).
+	// vip is the attached program once Start ran, nil without it.
+	vipFD   int
+	vipAddr netip.AddrPort
+	vip     atomic.Pointer[ebpf.VIP]
+	reg     prometheus.Registerer
+
 	state   atomic.Int32
 	start   sync.Once
 	started atomic.Bool
@@ -171,6 +180,8 @@ func New(o Options) (*Proxy, error) {
 		acceptLog: NewSampledLog(log, cfg.Admission.LogInterval.D()),
 		table:     make([]atomic.Pointer[conn], min(rl.Cur, 1<<24)),
 		insts:     make(map[string]*instLive),
+		vipFD:     -1,
+		reg:       o.Registry,
 	}
 	loops := cfg.EventLoops
 	if loops <= 0 {
@@ -205,10 +216,61 @@ func New(o Options) (*Proxy, error) {
 			}
 		}
 	}
+	if cfg.VIP.Enabled() {
+		_, _, vaddr, _ := cfg.VIP.Parsed()
+		for i, l := range p.loops {
+			fd, got, err := listenSocket(vaddr)
+			if err != nil {
+				p.closeLoops()
+				return nil, fmt.Errorf("proxy: vip.listen: %w", err)
+			}
+			if i == 0 {
+				vaddr, p.vipFD, p.vipAddr = got, fd, got
+			}
+			if err := l.addListener(listener{fd: fd, addr: got}); err != nil {
+				unix.Close(fd)
+				p.closeLoops()
+				return nil, fmt.Errorf("proxy: vip.listen: %w", err)
+			}
+		}
+	}
 	if cfg.Reuseport.PinDir != "off" {
 		p.openSteering(cfg.Reuseport.PinDir, o.Registry)
 	}
 	return p, nil
+}
+
+// attachVIP attaches the SK_LOOKUP program that sends the configured VIP
+// prefixes and ports to the VIP listeners. It is attached last, so it takes
+// the VIP from an older generation's program (BPF_SK_LOOKUP_F_REPLACE).
+// Without privileges or kernel support the VIP is not served, said once in
+// the log; the listen addresses are unaffected.
+func (p *Proxy) attachVIP() string {
+	if p.vipFD < 0 {
+		return "off"
+	}
+	prefixes, ports, _, _ := p.cfg.VIP.Parsed()
+	v, err := ebpf.AttachVIP("", prefixes, ports, p.vipFD)
+	if err != nil {
+		p.log.Warn("VIP not served: SK_LOOKUP dispatch not enabled; only the listen addresses accept connections",
+			"vip", p.cfg.VIP.Prefixes, "ports", p.cfg.VIP.Ports, "err", err)
+		return "off"
+	}
+	p.vip.Store(v)
+	if p.reg != nil {
+		if err := p.reg.Register(v.Collector()); err != nil {
+			p.log.Warn("VIP counters not exported", "err", err)
+		}
+	}
+	return fmt.Sprintf("%v ports %v via %v", p.cfg.VIP.Prefixes, p.cfg.VIP.Ports, p.vipAddr)
+}
+
+// closeVIP detaches the VIP program: new VIP connections are refused (or
+// reach an older generation's program).
+func (p *Proxy) closeVIP() {
+	if v := p.vip.Swap(nil); v != nil {
+		v.Close()
+	}
 }
 
 // openSteering opens (or creates) the pinned eBPF steering of every listen
@@ -317,6 +379,7 @@ func (p *Proxy) closeLoops() {
 	}
 	p.closeWake()
 	p.closeSteering()
+	p.closeVIP()
 }
 
 // Start runs the event loops. It returns at once.
@@ -327,11 +390,12 @@ func (p *Proxy) Start() {
 		}
 		p.started.Store(true)
 		steering := p.activateSteering()
+		vip := p.attachVIP()
 		for _, l := range p.loops {
 			go l.run()
 		}
 		p.log.Info("event loops running", "loops", len(p.loops), "listen", p.addrs,
-			"reuseport", steering)
+			"reuseport", steering, "vip", vip)
 	})
 }
 
@@ -383,6 +447,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		p.waitDrains()
 		p.closeWake()
 		p.closeSteering()
+		p.closeVIP()
 		return nil
 	case <-ctx.Done():
 	}
@@ -392,6 +457,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.waitDrains()
 	p.closeWake()
 	p.closeSteering()
+	p.closeVIP()
 	return ctx.Err()
 }
 

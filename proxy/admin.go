@@ -10,10 +10,12 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
 
 	"github.com/shardgate/shardgate/backend"
 )
@@ -81,7 +83,19 @@ func NewAdmin(o AdminOptions) (*Admin, error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
-	ln, err := net.Listen("tcp", o.Addr)
+	// SO_REUSEPORT: during an upgrade (shardgate proxy --upgrade) the new
+	// generation binds the same admin address before the old one closes
+	// its own, so scrapes and probes never meet a closed port.
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	ln, err := lc.Listen(context.Background(), "tcp", o.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("admin: %w", err)
 	}

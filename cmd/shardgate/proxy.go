@@ -6,10 +6,13 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"os/signal"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -26,6 +29,7 @@ func runProxy(args []string) error {
 	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
 	cfgPath := fs.String("config", "proxy.yaml", "proxy configuration file (YAML)")
 	check := fs.Bool("check", false, "validate the configuration and exit")
+	upgrade := fs.Bool("upgrade", false, "take over from the running proxy of this configuration: take every new connection, then tell it to stop accepting (it relays its connected devices until they end or shutdown.grace); needs the eBPF steering (reuseport.pin_dir)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -39,14 +43,116 @@ func runProxy(args []string) error {
 	}
 	log := newLogger(cfg.Log.Level, cfg.Log.Format)
 	slog.SetDefault(log)
-	return serveProxy(cfg, log, func() (*proxy.Config, error) { return proxy.LoadConfig(*cfgPath) })
+	up := &upgrader{args: withoutUpgrade(args), takeover: *upgrade}
+	return serveProxy(cfg, log, func() (*proxy.Config, error) { return proxy.LoadConfig(*cfgPath) }, up)
+}
+
+// upgrader is what a proxy process needs for generation handover.
+type upgrader struct {
+	args     []string // this process's `proxy` arguments, minus --upgrade
+	takeover bool     // started with --upgrade
+}
+
+// withoutUpgrade drops --upgrade from args, so SIGUSR2 can add it once.
+func withoutUpgrade(args []string) []string {
+	var out []string
+	for _, a := range args {
+		if a != "--upgrade" && a != "-upgrade" && a != "--upgrade=true" && a != "-upgrade=true" {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// startNext starts the next generation: this binary (as it is on disk now,
+// so a replaced binary is the upgrade) with the same arguments plus
+// --upgrade. It takes over on its own and tells this process to stop
+// (SIGUSR1) once it serves.
+func (u *upgrader) startNext(log *slog.Logger) {
+	exe, err := os.Executable()
+	if err != nil {
+		log.Error("SIGUSR2: upgrade not started", "err", err)
+		return
+	}
+	// os.Executable of a replaced binary names the deleted file.
+	exe = strings.TrimSuffix(exe, " (deleted)")
+	cmd := exec.Command(exe, append([]string{"proxy"}, append(u.args, "--upgrade")...)...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = nil, os.Stdout, os.Stderr
+	if err := cmd.Start(); err != nil {
+		log.Error("SIGUSR2: upgrade not started", "err", err)
+		return
+	}
+	log.Info("SIGUSR2: started the next generation; it takes over once it serves", "pid", cmd.Process.Pid, "binary", exe)
+	go cmd.Wait() // reap it if it fails early; it outlives this process otherwise
+}
+
+// takeOver tells the generations this process took over from to stop
+// accepting, and systemd (NOTIFY_SOCKET, NotifyAccess=all) that this is the
+// service's main process now.
+func (u *upgrader) takeOver(px *proxy.Proxy, log *slog.Logger) {
+	gen, prev := px.Generation()
+	if !u.takeover {
+		if len(prev) > 0 {
+			log.Warn("another proxy of this configuration is running: this one takes every new connection; it keeps its connected devices (use --upgrade to stop it)", "generation", gen, "pids", prev)
+		}
+		return
+	}
+	if gen == 0 {
+		log.Error("upgrade: no eBPF steering, so the running proxy cannot be found or stopped; both now share new connections by the kernel's hash")
+		return
+	}
+	for _, pid := range prev {
+		if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
+			log.Warn("upgrade: could not tell the previous generation to stop", "pid", pid, "err", err)
+			continue
+		}
+		log.Info("upgrade: took every new connection; told the previous generation to stop accepting", "generation", gen, "previous_pid", pid)
+	}
+	if len(prev) == 0 {
+		log.Info("upgrade: no previous generation running; serving", "generation", gen)
+	}
+	sdNotify(fmt.Sprintf("MAINPID=%d\nREADY=1", os.Getpid()), log)
+}
+
+// waitRoutable waits until the router has a snapshot with a healthy
+// instance, or max.
+func waitRoutable(router *backend.Router, max time.Duration, log *slog.Logger) {
+	deadline := time.Now().Add(max)
+	for time.Now().Before(deadline) {
+		if s := router.Load(); s != nil && healthyCount(s) > 0 {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	log.Warn("upgrade: no healthy backend yet; taking over anyway", "waited", max)
+}
+
+// sdNotify sends state to systemd's notify socket, if there is one.
+func sdNotify(state string, log *slog.Logger) {
+	sock := os.Getenv("NOTIFY_SOCKET")
+	if sock == "" {
+		return
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		log.Warn("sd_notify", "err", err)
+		return
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte(state)); err != nil {
+		log.Warn("sd_notify", "err", err)
+	}
 }
 
 // serveProxy runs a proxy with static backends until SIGTERM or SIGINT.
 // SIGHUP calls reload and applies what can change without a restart: the
 // backends and their health checks. reload may be nil (no reloading).
-// extra collectors are served on /metrics beside the proxy's own.
-func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Config, error), extra ...prometheus.Collector) (err error) {
+// With up, SIGUSR2 starts the next generation (shardgate proxy --upgrade)
+// and SIGUSR1, which that generation sends, hands over: stop accepting,
+// close the admin listener, relay the connected devices until they end or
+// shutdown.grace, exit. up may be nil (no upgrades). extra collectors are
+// served on /metrics beside the proxy's own.
+func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Config, error), up *upgrader, extra ...prometheus.Collector) (err error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(extra...)
@@ -147,7 +253,18 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 			}
 		}()
 	}
+	if up != nil && up.takeover {
+		// The next generation takes every new connection as soon as it
+		// starts: not before it can route them.
+		waitRoutable(router, 30*time.Second, log)
+	}
 	px.Start()
+	if up != nil {
+		up.takeOver(px, log)
+	}
+	if up == nil || !up.takeover {
+		sdNotify("READY=1", log)
+	}
 	log.Info("shardgate proxy started", "listen", px.Addrs(), "admin", cfg.Admin, "event_loops", cfg.EventLoops, "shards", cfg.Shards, "backends", backendsDesc(cfg))
 
 	// deregister removes the proxy from Consul first thing on shutdown, so
@@ -176,11 +293,11 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 				}
 			})
 		}
-		defer deregister()
+		defer func() { deregister() }() // the one current at return
 	}
 
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGUSR1, syscall.SIGUSR2)
 	defer signal.Stop(sigs)
 	for {
 		select {
@@ -190,12 +307,34 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 			}
 			srcDone = nil
 		case sig := <-sigs:
-			if sig == syscall.SIGHUP {
+			switch {
+			case sig == syscall.SIGHUP:
 				reloadProxy(reload, static, px, log)
 				continue
+			case sig == syscall.SIGUSR2 && up != nil:
+				up.startNext(log)
+				continue
+			case sig == syscall.SIGUSR2:
+				log.Warn("SIGUSR2: this proxy cannot be upgraded in place")
+				continue
+			case sig == syscall.SIGUSR1:
+				// Handed over: the next generation already takes every
+				// new connection and keeps the Consul registration; the
+				// closing listeners' queued connections migrate to it.
+				// The paced handoff of the connected devices is not
+				// done: they stay here until they end or the grace.
+				if admin != nil {
+					actx, acancel := context.WithTimeout(context.Background(), 2*time.Second)
+					_ = admin.Shutdown(actx)
+					acancel()
+					admin = nil
+				}
+				deregister = func() {} // the registration is the next generation's now
+				log.Info("handed over to the next generation: no new devices; relaying connected devices until they end", "grace", cfg.Shutdown.Grace.D(), "active", px.Active())
+			default:
+				deregister()
+				log.Info("stopping: no new devices; waiting for connected devices", "signal", sig.String(), "grace", cfg.Shutdown.Grace.D(), "active", px.Active())
 			}
-			deregister()
-			log.Info("stopping: no new devices; waiting for connected devices", "signal", sig.String(), "grace", cfg.Shutdown.Grace.D(), "active", px.Active())
 			sctx, cancel := context.WithTimeout(context.Background(), cfg.Shutdown.Grace.D())
 			err := px.Shutdown(sctx)
 			cancel()

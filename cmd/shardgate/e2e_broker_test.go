@@ -78,6 +78,18 @@ func e2eStartBroker(t *testing.T, bin string, o e2eBrokerOpts) *e2eBroker {
 }
 
 // clients is shardgate_broker_clients_connected of the broker.
+// clientsSettled polls clients until it reads want, for up to a second, and
+// returns the last count: the proxy's MQTT health checks are clients too,
+// for the few milliseconds each lasts, and a scrape can meet one.
+func (b *e2eBroker) clientsSettled(t *testing.T, want float64) float64 {
+	t.Helper()
+	n := b.clients(t)
+	for deadline := time.Now().Add(time.Second); n != want && time.Now().Before(deadline); n = b.clients(t) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	return n
+}
+
 func (b *e2eBroker) clients(t *testing.T) float64 {
 	t.Helper()
 	code, body, err := e2eGet(b.admin, "/metrics")
@@ -138,13 +150,13 @@ func TestE2EBrokerFailoverDeliversQueuedInOrder(t *testing.T) {
 	if tok := dev.Subscribe("fo/q", 1, nil); !tok.WaitTimeout(e2eWait) || tok.Error() != nil {
 		t.Fatalf("subscribe: %v", tok.Error())
 	}
-	if n := primary.clients(t); n != 1 {
+	if n := primary.clientsSettled(t, 1); n != 1 {
 		t.Fatalf("the device is not on the primary: its clients_connected = %v", n)
 	}
 	dev.Disconnect(250)
 
 	pub := e2eConnectPersistent(t, px.mqtt, pubID, nil)
-	if n := other.clients(t); n != 1 {
+	if n := other.clientsSettled(t, 1); n != 1 {
 		t.Fatalf("the publisher is not on shard 1's instance: its clients_connected = %v", n)
 	}
 	const total = 100
@@ -177,7 +189,7 @@ func TestE2EBrokerFailoverDeliversQueuedInOrder(t *testing.T) {
 		got = append(got, string(m.Payload()))
 		mu.Unlock()
 	})
-	if n := standby.clients(t); n != 1 {
+	if n := standby.clientsSettled(t, 1); n != 1 {
 		t.Errorf("the device is not on the standby: its clients_connected = %v", n)
 	}
 	e2eWaitFor(t, "100 messages delivered by the standby", e2eWait, func() (bool, string) {

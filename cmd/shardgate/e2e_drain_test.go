@@ -193,7 +193,7 @@ func TestE2EConsulMaintDrainsToStandby(t *testing.T) {
 	if tok := pub.Subscribe("will/#", 1, nil); !tok.WaitTimeout(e2eWait) || tok.Error() != nil {
 		t.Fatalf("subscribe will/#: %v", tok.Error())
 	}
-	if c := other.clients(t); c != 1 {
+	if c := other.clientsSettled(t, 1); c != 1 {
 		t.Fatalf("the publisher is not on shard 1's instance: its clients_connected = %v", c)
 	}
 

@@ -30,7 +30,9 @@ func privileged(t *testing.T, format string, args ...any) {
 }
 
 // enterNetns moves the test goroutine's thread into a fresh network
-// namespace with lo up and net.ipv4.tcp_migrate_req=1. The thread is never
+// namespace with lo up and net.ipv4.tcp_migrate_req=0 (the default): the
+// migration the tests see is the program's doing (a SELECT_OR_MIGRATE
+// program migrates whatever the sysctl says), as on a host nobody tuned. The thread is never
 // unlocked, so the runtime destroys it with the test goroutine. Sockets are
 // created in the namespace of the creating thread: open them all on the test
 // goroutine. No subtests.
@@ -63,7 +65,7 @@ func enterNetns(t *testing.T) {
 	if err := unix.IoctlIfreq(s, unix.SIOCSIFFLAGS, ifr); err != nil {
 		privileged(t, "set lo up: %v", err)
 	}
-	if err := os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1"), 0); err != nil {
+	if err := os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("0"), 0); err != nil {
 		privileged(t, "sysctl net.ipv4.tcp_migrate_req: %v", err)
 	}
 }

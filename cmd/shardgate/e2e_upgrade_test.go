@@ -227,3 +227,12 @@ func TestE2EUpgradeVersusRestart(t *testing.T) {
 		t.Errorf("the restart kept all %d held devices past a 1 s grace: this comparison measures nothing", len(held))
 	}
 }
+
+// SIGUSR2 passes the running proxy's arguments on with --upgrade exactly
+// once, however this generation was started.
+func TestWithoutUpgrade(t *testing.T) {
+	got := withoutUpgrade([]string{"--config", "p.yaml", "--upgrade", "-upgrade=true"})
+	if strings.Join(got, " ") != "--config p.yaml" {
+		t.Errorf("withoutUpgrade = %q", got)
+	}
+}

@@ -56,6 +56,7 @@ type Config struct {
 	Reuseport     ReuseportConfig      `yaml:"reuseport"`
 	VIP           VIPConfig            `yaml:"vip"`
 	Drain         DrainConfig          `yaml:"drain"`
+	Upgrade       UpgradeConfig        `yaml:"upgrade"`
 	Register      RegisterConfig       `yaml:"register"`
 	Log           LogConfig            `yaml:"log"`
 }
@@ -290,6 +291,18 @@ type DrainConfig struct {
 	// DisconnectDeviceV5 sends MQTT 5 devices DISCONNECT 0x9C (use another
 	// server) at a packet boundary before the close. Default true.
 	DisconnectDeviceV5 *bool `yaml:"disconnect_device_v5"`
+}
+
+// UpgradeConfig configures what a generation that handed over (shardgate
+// proxy --upgrade, SIGUSR2) does with its connected devices.
+type UpgradeConfig struct {
+	// HandoffDelay is how long after it stopped accepting the old
+	// generation starts moving all its remaining devices to the next one,
+	// at the drain pace (drain.rate, drain.min_rate, with the drain's
+	// DISCONNECTs, so no will fires); it exits when none remain. It must be
+	// below shutdown.grace, which still closes whatever is left. Default 0:
+	// no handoff, devices stay until they end or shutdown.grace.
+	HandoffDelay Duration `yaml:"handoff_delay"`
 }
 
 // RegisterConfig is `register`: the proxy registering itself in Consul,
@@ -552,10 +565,14 @@ func (c *Config) Validate() error {
 		{"dial.timeout", c.Dial.Timeout},
 		{"keepalive.max_idle", c.Keepalive.MaxIdle},
 		{"shutdown.grace", c.Shutdown.Grace},
+		{"upgrade.handoff_delay", c.Upgrade.HandoffDelay},
 	} {
 		if d.v < 0 {
 			bad(d.field, "%s is negative", d.v.D())
 		}
+	}
+	if c.Upgrade.HandoffDelay > 0 && c.Upgrade.HandoffDelay >= c.Shutdown.Grace {
+		bad("upgrade.handoff_delay", "%s is not below shutdown.grace (%s): the handoff would never start", c.Upgrade.HandoffDelay.D(), c.Shutdown.Grace.D())
 	}
 	if c.Keepalive.Factor < 1 {
 		bad("keepalive.factor", "%g is below 1", c.Keepalive.Factor)

@@ -116,19 +116,45 @@ func healthySet(s *backend.Snapshot) map[string]bool {
 
 // startDrain begins moving an instance's connections, unless a drain of it
 // is already running.
-func (p *Proxy) startDrain(id string) {
+func (p *Proxy) startDrain(id string) { p.beginDrain(id, false) }
+
+// HandOff moves every connection the proxy still relays at the drain pace:
+// a drain of every instance, DISCONNECTs at packet boundaries as for any
+// drain (upgrade.handoff_delay). It is for a generation that handed over:
+// call it after Shutdown began, once the next generation takes every new
+// connection, so each moved device reconnects there; Shutdown then returns
+// when the last one has left. It returns the number of connections it set
+// out to move; after Shutdown returned it does nothing.
+func (p *Proxy) HandOff() int64 {
+	p.instMu.Lock()
+	ids := make([]string, 0, len(p.insts))
+	for id := range p.insts {
+		ids = append(ids, id)
+	}
+	p.instMu.Unlock()
+	var n int64
+	for _, id := range ids {
+		n += p.beginDrain(id, true)
+	}
+	return n
+}
+
+// beginDrain starts a drain of an instance and returns its connections at
+// the start (0 if none started). Only a handoff starts one while the proxy
+// is shutting down (not accepting: a moved device cannot come back here).
+func (p *Proxy) beginDrain(id string, handoff bool) int64 {
 	inst := p.instLiveFor(id)
 	p.drainMu.Lock()
 	defer p.drainMu.Unlock()
-	if p.state.Load() != stateRunning {
-		// Shutting down: every connection is closing anyway, and
-		// drainWG may be waited on already (waitDrains).
-		return
+	if st := p.state.Load(); p.drainsClosed || st == stateForce || (st != stateRunning && !handoff) {
+		// Shutting down without a handoff: every connection is closing
+		// anyway. After waitDrains began, drainWG may be waited on.
+		return 0
 	}
 	cur := p.drainList()
 	for _, d := range cur {
 		if d.inst == inst && !d.stopped() {
-			return
+			return 0
 		}
 	}
 	n := inst.n.Load()
@@ -142,9 +168,14 @@ func (p *Proxy) startDrain(id string) {
 	d.remaining.Set(float64(n))
 	next := append(append([]*drain(nil), cur...), d)
 	p.drains.Store(&next)
-	p.log.Info("draining instance", "instance", id, "connections", n, "per_second", d.pace)
+	if handoff {
+		p.log.Info("handing off to the next generation", "instance", id, "connections", n, "per_second", d.pace)
+	} else {
+		p.log.Info("draining instance", "instance", id, "connections", n, "per_second", d.pace)
+	}
 	p.drainWG.Add(1)
 	go p.drainPacer(d)
+	return n
 }
 
 // stopDrain stops an instance's drain, if one runs.
@@ -175,12 +206,14 @@ func (d *drain) stopped() bool {
 	}
 }
 
-// waitDrains waits for the pacers to end, once the state is no longer
-// running. Taking drainMu first orders it after any startDrain that saw the
-// running state, so no drainWG.Add races with the Wait.
+// waitDrains waits for the pacers to end, once the loops have exited.
+// Closing the drains under drainMu orders it after any beginDrain that
+// started one, and stops any later one, so no drainWG.Add races with the
+// Wait.
 func (p *Proxy) waitDrains() {
 	p.drainMu.Lock()
-	p.drainMu.Unlock() //nolint:staticcheck // a barrier, see above
+	p.drainsClosed = true
+	p.drainMu.Unlock()
 	p.drainWG.Wait()
 }
 

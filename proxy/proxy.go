@@ -130,8 +130,10 @@ type Proxy struct {
 	drains  atomic.Pointer[[]*drain]
 	drainMu sync.Mutex // serialises changes of drains
 	drainWG sync.WaitGroup
-	instMu  sync.Mutex
-	insts   map[string]*instLive
+	// drainsClosed (under drainMu): waitDrains began, no drain starts.
+	drainsClosed bool
+	instMu       sync.Mutex
+	insts        map[string]*instLive
 }
 
 // New validates the options, creates the metrics, and binds every listener

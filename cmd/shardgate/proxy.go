@@ -29,7 +29,7 @@ func runProxy(args []string) error {
 	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
 	cfgPath := fs.String("config", "proxy.yaml", "proxy configuration file (YAML)")
 	check := fs.Bool("check", false, "validate the configuration and exit")
-	upgrade := fs.Bool("upgrade", false, "take over from the running proxy of this configuration: take every new connection, then tell it to stop accepting (it relays its connected devices until they end or shutdown.grace); needs the eBPF steering (reuseport.pin_dir)")
+	upgrade := fs.Bool("upgrade", false, "take over from the running proxy of this configuration: take every new connection, then tell it to stop accepting (it relays its connected devices until they end, upgrade.handoff_delay or shutdown.grace); needs the eBPF steering (reuseport.pin_dir)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -321,8 +321,9 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 				// Handed over: the next generation already takes every
 				// new connection and keeps the Consul registration; the
 				// closing listeners' queued connections migrate to it.
-				// The paced handoff of the connected devices is not
-				// done: they stay here until they end or the grace.
+				// The connected devices stay until they end, or, with
+				// upgrade.handoff_delay, move to it at the drain pace
+				// after that delay.
 				if admin != nil {
 					actx, acancel := context.WithTimeout(context.Background(), 2*time.Second)
 					_ = admin.Shutdown(actx)
@@ -330,7 +331,16 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 					admin = nil
 				}
 				deregister = func() {} // the registration is the next generation's now
-				log.Info("handed over to the next generation: no new devices; relaying connected devices until they end", "grace", cfg.Shutdown.Grace.D(), "active", px.Active())
+				if d := cfg.Upgrade.HandoffDelay.D(); d > 0 {
+					handoff := time.AfterFunc(d, func() {
+						n := px.HandOff()
+						log.Info("handing the connected devices off to the next generation at the drain pace", "connections", n)
+					})
+					defer handoff.Stop()
+					log.Info("handed over to the next generation: no new devices; relaying connected devices, handed off after the delay", "handoff_delay", d, "grace", cfg.Shutdown.Grace.D(), "active", px.Active())
+				} else {
+					log.Info("handed over to the next generation: no new devices; relaying connected devices until they end", "grace", cfg.Shutdown.Grace.D(), "active", px.Active())
+				}
 			default:
 				deregister()
 				log.Info("stopping: no new devices; waiting for connected devices", "signal", sig.String(), "grace", cfg.Shutdown.Grace.D(), "active", px.Active())

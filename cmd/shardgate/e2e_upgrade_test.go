@@ -231,6 +231,114 @@ func TestE2EUpgradeVersusRestart(t *testing.T) {
 	}
 }
 
+// e2eReconnectingDevice holds a connection through addr and, each time it
+// is cut, records when on cuts and connects again (every 50 ms until one
+// succeeds), until stop is closed.
+func e2eReconnectingDevice(addr, id string, cuts chan<- time.Time, stop <-chan struct{}) {
+	for {
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err == nil {
+			_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+			_, err = c.Write(mqttwire.AppendConnect(nil, mqttwire.ConnectOptions{Level: mqttwire.Level311, ClientID: id, CleanStart: true, KeepAlive: 120}))
+			b := make([]byte, 4)
+			if err == nil {
+				_, err = io.ReadFull(c, b)
+			}
+			if err == nil && b[0] == 0x20 && b[3] == 0 {
+				_ = c.SetDeadline(time.Time{})
+				go func() { <-stop; c.Close() }()
+				_, _ = io.Copy(io.Discard, c) // until the proxy cuts it
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				cuts <- time.Now()
+				continue
+			}
+			c.Close()
+		}
+		select {
+		case <-stop:
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// TestE2EUpgradeHandoff: with upgrade.handoff_delay, the old generation
+// relays its devices for that long after the handover, then moves all of
+// them at the drain pace: 40 devices that reconnect to the same address
+// when cut each land on the new generation, over seconds rather than at
+// once, and the old process exits with none left, long before its grace.
+func TestE2EUpgradeHandoff(t *testing.T) {
+	t.Parallel()
+	bin := buildShardgate(t)
+	ms := e2eBrokers(t, 2)
+	cfg := e2eFleetOf(t, ms)
+	cfg.grace = "60s"
+	old := &e2eProxy{mqtt: cfg.listen, admin: cfg.admin, cfgPath: filepath.Join(t.TempDir(), "proxy.yaml")}
+	old.writeConfig(t, cfg.yaml()+fmt.Sprintf("reuseport: {pin_dir: %q}\nupgrade: {handoff_delay: 1s}\ndrain: {rate: 0.25}\n", e2eUpgradePinDir(t)))
+	old.e2eProcess = e2eStart(t, "shardgate proxy", bin, "proxy", "--config", old.cfgPath)
+	old.waitAdmin(t)
+	old.waitReady(t)
+	if line := old.waitLog(t, e2eWait, "event loops running"); !strings.Contains(line, "ebpf generation 1") {
+		e2ePrivileged(t, "the proxy runs without eBPF steering: %s", line)
+	}
+	const n = 40
+	cuts := make(chan time.Time, 4*n)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	t.Cleanup(func() { close(stop); wg.Wait() })
+	for i := range n {
+		wg.Add(1)
+		go func() { defer wg.Done(); e2eReconnectingDevice(old.mqtt, fmt.Sprintf("e2e-handoff-%d", i), cuts, stop) }()
+	}
+	active := func() (float64, string) {
+		sum := 0.0
+		for k, v := range old.metrics(t) {
+			if strings.HasPrefix(k, "shardgate_connections_active{") {
+				sum += v
+			}
+		}
+		return sum, fmt.Sprint(sum)
+	}
+	e2eWaitFor(t, "40 devices on the old generation", e2eWait, func() (bool, string) { a, s := active(); return a == n, s })
+
+	old.signal(t, syscall.SIGUSR2)
+	line := old.waitLog(t, e2eWait, "started the next generation")
+	if m := regexp.MustCompile(`pid=(\d+)`).FindStringSubmatch(line); m != nil {
+		pid, _ := strconv.Atoi(m[1])
+		t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	}
+	old.waitLog(t, e2eWait, "handed over to the next generation", "handoff_delay=1s")
+	handedOver := time.Now()
+	old.waitLog(t, e2eWait, "shardgate proxy stopped")
+	exited := time.Since(handedOver)
+	var times []time.Time
+	for len(cuts) > 0 {
+		times = append(times, <-cuts)
+	}
+	if len(times) != n {
+		t.Fatalf("%d devices were cut by the old generation, want each of %d once", len(times), n)
+	}
+	first, last := times[0].Sub(handedOver), times[len(times)-1].Sub(handedOver)
+	t.Logf("handoff of %d devices: first cut %v, last %v after the handover; old generation stopped after %v", n, first, last, exited)
+	if first < 800*time.Millisecond {
+		t.Errorf("first device cut %v after the handover, before handoff_delay (1s)", first)
+	}
+	// ~20 per instance at 0.25 × 20 = 5/s: the last ~4 s into the handoff.
+	if spread := last - first; spread < 2*time.Second || spread > 10*time.Second {
+		t.Errorf("devices cut over %v, want the drain pace (~4 s)", spread)
+	}
+	if exited > 20*time.Second {
+		t.Errorf("the old generation stopped %v after the handover, want soon after its last device", exited)
+	}
+	// Every device reconnected, to the new generation (the admin port is
+	// its own now).
+	e2eWaitFor(t, "40 devices on the new generation", e2eWait, func() (bool, string) { a, s := active(); return a == n, s })
+}
+
 // SIGUSR2 passes the running proxy's arguments on with --upgrade exactly
 // once, however this generation was started.
 func TestWithoutUpgrade(t *testing.T) {

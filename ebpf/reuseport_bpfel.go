@@ -28,6 +28,8 @@ const (
 	reuseportMapActive        = "active"
 	reuseportMapCounters      = "counters"
 	reuseportMapListeners     = "listeners"
+	reuseportMapSlotWorker    = "slot_worker"
+	reuseportMapWorkerLoad    = "worker_load"
 	reuseportProgSelectActive = "select_active"
 )
 
@@ -80,9 +82,11 @@ type reuseportProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type reuseportMapSpecs struct {
-	Active    *ebpf.MapSpec `ebpf:"active"`
-	Counters  *ebpf.MapSpec `ebpf:"counters"`
-	Listeners *ebpf.MapSpec `ebpf:"listeners"`
+	Active     *ebpf.MapSpec `ebpf:"active"`
+	Counters   *ebpf.MapSpec `ebpf:"counters"`
+	Listeners  *ebpf.MapSpec `ebpf:"listeners"`
+	SlotWorker *ebpf.MapSpec `ebpf:"slot_worker"`
+	WorkerLoad *ebpf.MapSpec `ebpf:"worker_load"`
 }
 
 // reuseportVariableSpecs contains global variables before they are loaded into the kernel.
@@ -111,9 +115,11 @@ func (o *reuseportObjects) Close() error {
 //
 // It can be passed to loadReuseportObjects or ebpf.CollectionSpec.LoadAndAssign.
 type reuseportMaps struct {
-	Active    *ebpf.Map `ebpf:"active"`
-	Counters  *ebpf.Map `ebpf:"counters"`
-	Listeners *ebpf.Map `ebpf:"listeners"`
+	Active     *ebpf.Map `ebpf:"active"`
+	Counters   *ebpf.Map `ebpf:"counters"`
+	Listeners  *ebpf.Map `ebpf:"listeners"`
+	SlotWorker *ebpf.Map `ebpf:"slot_worker"`
+	WorkerLoad *ebpf.Map `ebpf:"worker_load"`
 }
 
 func (m *reuseportMaps) Close() error {
@@ -121,6 +127,8 @@ func (m *reuseportMaps) Close() error {
 		m.Active,
 		m.Counters,
 		m.Listeners,
+		m.SlotWorker,
+		m.WorkerLoad,
 	)
 }
 

@@ -30,6 +30,8 @@ const (
 	pinListeners = "listeners"
 	pinActive    = "active"
 	pinCounters  = "counters"
+	pinSlots     = "slot_worker"
+	pinLoads     = "worker_load"
 )
 
 // Counter indexes in the per-CPU counters map (CNT_* in reuseport.c).
@@ -55,6 +57,8 @@ type Steering struct {
 	listeners *ebpf.Map
 	active    *ebpf.Map
 	counters  *ebpf.Map
+	slots     *ebpf.Map // slot → worker+1 (workers.go)
+	loads     *ebpf.Map // worker → connection count (workers.go)
 
 	mu       sync.Mutex
 	inserted map[uint32]int // generation → listeners inserted by this process
@@ -106,6 +110,8 @@ func OpenSteering(pinDir string) (*Steering, error) {
 		{pinListeners, objs.Listeners.Pin},
 		{pinActive, objs.Active.Pin},
 		{pinCounters, objs.Counters.Pin},
+		{pinSlots, objs.SlotWorker.Pin},
+		{pinLoads, objs.WorkerLoad.Pin},
 	}
 	for _, p := range pins {
 		if err := p.pin(filepath.Join(tmp, p.name)); err != nil {
@@ -145,8 +151,14 @@ func openPinned(pinDir string) (s *Steering, err error) {
 	for _, m := range []struct {
 		name string
 		dst  **ebpf.Map
-	}{{pinListeners, &s.listeners}, {pinActive, &s.active}, {pinCounters, &s.counters}} {
+	}{{pinListeners, &s.listeners}, {pinActive, &s.active}, {pinCounters, &s.counters}, {pinSlots, &s.slots}, {pinLoads, &s.loads}} {
 		if *m.dst, err = ebpf.LoadPinnedMap(filepath.Join(pinDir, m.name), nil); err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				// The directory exists but lacks a map this binary's
+				// program has: pinned by an older version. %v, not %w:
+				// this is no "no steering here" for OpenSteering.
+				return s, fmt.Errorf("steering: pinned map %s missing in %s, pinned by another version (remove the directory): %v", m.name, pinDir, err)
+			}
 			return s, fmt.Errorf("steering: %w", err)
 		}
 		if err = spec.Maps[m.name].Compatible(*m.dst); err != nil {
@@ -205,6 +217,11 @@ func (s *Steering) Insert(gen uint32, fds []int) error {
 	base := (gen % 2) * MaxListenersPerGen
 	for i, fd := range fds {
 		if err := s.listeners.Update(base+uint32(i), uint64(fd), ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("steering: insert listener %d of generation %d: %w", i, gen, err)
+		}
+		// No worker owns these slots: the hash picks among them, even
+		// if a worker generation used them before.
+		if err := s.slots.Update(base+uint32(i), uint32(0), ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("steering: insert listener %d of generation %d: %w", i, gen, err)
 		}
 	}
@@ -272,7 +289,7 @@ func (s *Steering) Close() error {
 	if s.prog != nil {
 		errs = append(errs, s.prog.Close())
 	}
-	for _, m := range []*ebpf.Map{s.listeners, s.active, s.counters} {
+	for _, m := range []*ebpf.Map{s.listeners, s.active, s.counters, s.slots, s.loads} {
 		if m != nil {
 			errs = append(errs, m.Close())
 		}

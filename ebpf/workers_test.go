@@ -1,0 +1,161 @@
+//go:build linux
+
+package ebpf
+
+import (
+	"net/netip"
+	"testing"
+)
+
+// fourWorkers opens 4 "workers" of 2 listeners each on one address in a
+// fresh namespace, inserted and activated as generation 1; steered tags
+// them by worker (least-loaded), otherwise they are plain slots (hash).
+func fourWorkers(t *testing.T, steered bool) (*Steering, netip.AddrPort, [][]int) {
+	t.Helper()
+	enterNetns(t)
+	s := openSteering(t, testPinDir(t))
+	first, addr := listen(t, netip.MustParseAddrPort("127.0.0.1:0"))
+	if err := s.Attach(first); err != nil {
+		privileged(t, "%v", err)
+	}
+	workers := [][]int{{first}, nil, nil, nil}
+	var all []int
+	for w := range workers {
+		for len(workers[w]) < 2 {
+			fd, _ := listen(t, addr)
+			workers[w] = append(workers[w], fd)
+		}
+		all = append(all, workers[w]...)
+		if steered {
+			if err := s.InsertWorker(1, w, 2*w, workers[w]); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if steered {
+		if err := s.ActivateSlots(1, 8); err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		if err := s.Insert(1, all); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Activate(1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return s, addr, workers
+}
+
+// fill opens total connections in batches of batch, accepting each batch
+// per worker and (a loop tick) writing each worker's count, starting from
+// start. It returns the final counts and how many of the first firstN
+// connections worker 3 took.
+func fill(t *testing.T, s *Steering, addr netip.AddrPort, workers [][]int, start []int, total, batch, firstN int, steered bool) (final []int, w3First int) {
+	t.Helper()
+	load := append([]int(nil), start...)
+	tick := func() {
+		if !steered {
+			return
+		}
+		for w, n := range load {
+			if err := s.SetLoad(w, n); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	tick()
+	var lns []int
+	for _, l := range workers {
+		lns = append(lns, l...)
+	}
+	per := len(workers[0])
+	for done := 0; done < total; done += batch {
+		dialN(t, addr, batch)
+		for i, n := range counts(acceptAll(t, lns, batch)) {
+			load[i/per] += n
+			if i/per == 3 && done < firstN {
+				w3First += n
+			}
+		}
+		tick()
+	}
+	return load, w3First
+}
+
+func sum(xs []int) int {
+	n := 0
+	for _, x := range xs {
+		n += x
+	}
+	return n
+}
+
+// Workers with 1000, 1000, 1000 and 0 connections (the last one just
+// restarted): the empty one takes every new connection until the counts
+// level, then all share; the kernel's hash alone gives it a quarter.
+func TestSteeringLeastLoadedWorkers(t *testing.T) {
+	start := []int{1000, 1000, 1000, 0}
+	s, addr, workers := fourWorkers(t, true)
+	final, first := fill(t, s, addr, workers, start, 4000, 50, 1000, true)
+	t.Logf("least-loaded: counts %v → %v after 4000 connections; worker 3 took %d of the first 1000", start, final, first)
+	if first != 1000 {
+		t.Errorf("the empty worker took %d of the first 1000 connections, want all", first)
+	}
+	lo, hi := final[0], final[0]
+	for _, n := range final {
+		lo, hi = min(lo, n), max(hi, n)
+	}
+	if float64(hi-lo) > 0.10*float64(hi) {
+		t.Errorf("counts %v not within 10%% of each other", final)
+	}
+	loads, err := s.Loads(4)
+	if err != nil || loads[3] != final[3] {
+		t.Errorf("Loads() = %v, %v; want %v", loads, err, final)
+	}
+	if err := s.SetDead(3); err != nil {
+		t.Fatal(err)
+	}
+	if loads, _ := s.Loads(4); loads[3] != -1 {
+		t.Errorf("after SetDead(3) Loads() = %v, want -1 for worker 3", loads)
+	}
+}
+
+func TestSteeringHashAloneDoesNotLevel(t *testing.T) {
+	start := []int{1000, 1000, 1000, 0}
+	s, addr, workers := fourWorkers(t, false)
+	final, first := fill(t, s, addr, workers, start, 4000, 50, 1000, false)
+	t.Logf("hash only: counts %v → %v after 4000 connections; worker 3 took %d of the first 1000", start, final, first)
+	if first > 500 {
+		t.Errorf("with the hash alone the empty worker took %d of the first 1000, expected about 250", first)
+	}
+	if final[3] > final[0]-500 {
+		t.Errorf("with the hash alone counts %v leveled; expected worker 3 about 1000 behind", final)
+	}
+}
+
+// A dead worker's leftover slots are never chosen by load: connections go
+// to the live workers, not to the kernel's fallback hash.
+func TestSteeringDeadWorkerSkipped(t *testing.T) {
+	s, addr, workers := fourWorkers(t, true)
+	for w, n := range []int{10, 20, 30, 0} {
+		if err := s.SetLoad(w, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.SetDead(3); err != nil {
+		t.Fatal(err)
+	}
+	dialN(t, addr, 40)
+	got := make([]int, 4)
+	for i, n := range counts(acceptAll(t, append(append(append(workers[0], workers[1]...), workers[2]...), workers[3]...), 40)) {
+		got[i/2] += n
+	}
+	if got[0] != 40 {
+		t.Errorf("accepts per worker %v with worker 3 dead, want all 40 on worker 0 (lowest live load)", got)
+	}
+	c, err := s.Counters()
+	if err != nil || c.Fallbacks != 0 {
+		t.Errorf("counters %+v, %v; want no fallback", c, err)
+	}
+}

@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,10 +29,7 @@ import (
 // there means a broken runner, not a passing test).
 func vipPrivileged(t *testing.T, format string, args ...any) {
 	t.Helper()
-	if os.Getenv("SHARDGATE_REQUIRE_PRIVILEGED") == "1" {
-		t.Fatalf("SHARDGATE_REQUIRE_PRIVILEGED=1: "+format, args...)
-	}
-	t.Skipf("needs root / a network namespace / SK_LOOKUP: "+format, args...)
+	skipUnprivileged(t, "root / a network namespace / SK_LOOKUP", format, args...)
 }
 
 // vipEnterNetns moves the calling test goroutine's OS thread into a fresh
@@ -45,34 +41,7 @@ func vipPrivileged(t *testing.T, format string, args ...any) {
 // goroutine (other goroutines may use them). No subtests.
 func vipEnterNetns(t *testing.T, anyIP netip.Prefix) {
 	t.Helper()
-	hostNS, err := os.Readlink("/proc/thread-self/ns/net")
-	if err != nil {
-		t.Fatal(err)
-	}
-	runtime.LockOSThread()
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		vipPrivileged(t, "unshare(CLONE_NEWNET): %v", err)
-	}
-	if ns, err := os.Readlink("/proc/thread-self/ns/net"); err != nil || ns == hostNS {
-		t.Fatalf("still in the host network namespace (%s, %v)", ns, err)
-	}
-
-	s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(s)
-	ifr, err := unix.NewIfreq("lo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.IoctlIfreq(s, unix.SIOCGIFFLAGS, ifr); err != nil {
-		t.Fatalf("SIOCGIFFLAGS lo: %v", err)
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
-	if err := unix.IoctlIfreq(s, unix.SIOCSIFFLAGS, ifr); err != nil {
-		vipPrivileged(t, "set lo up: %v", err)
-	}
+	enterLoopbackNetns(t, "root / a network namespace / SK_LOOKUP")
 	lo, err := net.InterfaceByName("lo")
 	if err != nil {
 		t.Fatal(err)

@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -23,10 +22,7 @@ import (
 // there is a broken runner, not a pass).
 func privileged(t *testing.T, format string, args ...any) {
 	t.Helper()
-	if os.Getenv("SHARDGATE_REQUIRE_PRIVILEGED") == "1" {
-		t.Fatalf("SHARDGATE_REQUIRE_PRIVILEGED=1: "+format, args...)
-	}
-	t.Skipf("needs root, bpffs and SK_REUSEPORT eBPF: "+format, args...)
+	skipUnprivileged(t, "root, bpffs and SK_REUSEPORT eBPF", format, args...)
 }
 
 // enterNetns moves the test goroutine's thread into a fresh network
@@ -38,33 +34,7 @@ func privileged(t *testing.T, format string, args ...any) {
 // goroutine. No subtests.
 func enterNetns(t *testing.T) {
 	t.Helper()
-	host, err := os.Readlink("/proc/thread-self/ns/net")
-	if err != nil {
-		t.Fatal(err)
-	}
-	runtime.LockOSThread()
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		privileged(t, "unshare(CLONE_NEWNET): %v", err)
-	}
-	if ns, err := os.Readlink("/proc/thread-self/ns/net"); err != nil || ns == host {
-		t.Fatalf("still in the host network namespace (%s, %v)", ns, err)
-	}
-	s, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(s)
-	ifr, err := unix.NewIfreq("lo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.IoctlIfreq(s, unix.SIOCGIFFLAGS, ifr); err != nil {
-		t.Fatalf("SIOCGIFFLAGS lo: %v", err)
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
-	if err := unix.IoctlIfreq(s, unix.SIOCSIFFLAGS, ifr); err != nil {
-		privileged(t, "set lo up: %v", err)
-	}
+	enterLoopbackNetns(t, "root, bpffs and SK_REUSEPORT eBPF")
 	if err := os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("0"), 0); err != nil {
 		privileged(t, "sysctl net.ipv4.tcp_migrate_req: %v", err)
 	}

@@ -6,7 +6,9 @@
 // names the worker process that owns it and the program picks, among the
 // active generation's slots, one of the worker whose connection count is
 // lowest (ties broken by the connection hash): a restarted, empty worker
-// fills first. See steering.go.
+// fills first. The program adds each of its choices to that worker's count,
+// so a burst of connections between two updates from user space spreads
+// instead of piling onto one worker. See steering.go and workers.go.
 
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -15,8 +17,11 @@
 #define MAX_PER_GEN 128
 #define GENS 2
 #define MAX_WORKERS 64
-// A worker whose load is this takes nothing (dead, being restarted).
-#define LOAD_DEAD 0xffffffff
+// A worker whose load is this or more takes nothing (dead, being
+// restarted). A range, not one value: the program's own increment (see
+// select_active) can race with user space marking the worker dead, and
+// LOAD_DEAD+1 must still read as dead, never wrap to an empty worker.
+#define LOAD_DEAD 0x80000000
 
 enum { CNT_SELECTIONS, CNT_MIGRATIONS, CNT_FALLBACKS, CNT_MAX };
 
@@ -53,8 +58,10 @@ struct {
 	__type(value, __u32);
 } slot_worker SEC(".maps");
 
-// worker_load: each worker's established connections, written by the
-// worker from user space once per loop tick (one word, not per packet).
+// worker_load: each worker's connections. The worker overwrites its entry
+// with its true count once per loop tick (one word, not per packet), and
+// the program adds 1 for every connection it steers there in between: the
+// tick corrects the closes, the increments keep a burst spreading.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAX_WORKERS);
@@ -78,7 +85,7 @@ static __always_inline void count(__u32 which)
 
 struct scan {
 	__u32 base, n, hash;
-	__u32 best, best_load;
+	__u32 best, best_load, best_worker;
 };
 
 static long scan_slot(__u32 i, void *data)
@@ -95,6 +102,7 @@ static long scan_slot(__u32 i, void *data)
 	if (load && *load < sc->best_load) {
 		sc->best_load = *load;
 		sc->best = idx;
+		sc->best_worker = k;
 	}
 	return 0;
 }
@@ -116,8 +124,20 @@ int select_active(struct sk_reuseport_md *ctx)
 		struct scan sc = { .base = base, .n = n, .hash = ctx->hash, .best_load = LOAD_DEAD };
 		bpf_loop(n, scan_slot, &sc, 0);
 		__u32 best = sc.best;
-		if (sc.best_load != LOAD_DEAD &&
+		if (sc.best_load < LOAD_DEAD &&
 		    bpf_sk_select_reuseport(ctx, &listeners, &best, 0) == 0) {
+			// Count the choice now: user space writes the true
+			// counts only once per tick, and until then every
+			// connection of a burst (a reconnect storm) would see
+			// the same counts and go to the same worker. The next
+			// tick overwrites this with the real count, which also
+			// forgets the connections that closed meanwhile. An
+			// atomic add (several CPUs steer at once), and none on a
+			// dead worker or one about to look dead.
+			__u32 k = sc.best_worker;
+			__u32 *load = bpf_map_lookup_elem(&worker_load, &k);
+			if (load && *load < LOAD_DEAD - 1)
+				__sync_fetch_and_add(load, 1);
 			count(migrating ? CNT_MIGRATIONS : CNT_SELECTIONS);
 			return SK_PASS;
 		}

@@ -4,7 +4,6 @@ package ebpf
 
 import (
 	"fmt"
-	"math"
 
 	"github.com/cilium/ebpf"
 )
@@ -13,9 +12,11 @@ import (
 // (MAX_WORKERS in reuseport.c).
 const MaxWorkers = 64
 
-// loadDead is LOAD_DEAD in reuseport.c: a worker with this load is never
-// picked by load (its listeners are gone or going).
-const loadDead = math.MaxUint32
+// loadDead is LOAD_DEAD in reuseport.c: a worker whose load is this or
+// more is never picked by load (its listeners are gone or going). The
+// program's own increments can push a dead worker's load past it, never
+// back to a small count.
+const loadDead = 1 << 31
 
 // InsertWorker puts worker's listening sockets fds into generation gen's
 // slots first .. first+len(fds)-1 and tags them with the worker, so the
@@ -64,7 +65,10 @@ func (s *Steering) ActivateSlots(gen uint32, n int) error {
 }
 
 // SetLoad records worker's connection count for the program: one map
-// write, meant for once per loop tick, not per connection.
+// write, meant for once per loop tick, not per connection. Between two
+// calls the program adds 1 for each connection it steers to the worker, so
+// a burst spreads over the workers; SetLoad overwrites that estimate with
+// the true count, which also accounts for the connections that closed.
 func (s *Steering) SetLoad(worker int, conns int) error {
 	if worker < 0 || worker >= MaxWorkers {
 		return fmt.Errorf("steering: worker %d, want 0 to %d", worker, MaxWorkers-1)
@@ -90,8 +94,8 @@ func (s *Steering) SetDead(worker int) error {
 	return nil
 }
 
-// Loads returns the first n workers' counts as the program sees them;
-// a dead worker's is -1.
+// Loads returns the first n workers' counts as the program sees them (the
+// last SetLoad plus the connections steered since); a dead worker's is -1.
 func (s *Steering) Loads(n int) ([]int, error) {
 	out := make([]int, n)
 	for w := range out {
@@ -100,7 +104,7 @@ func (s *Steering) Loads(n int) ([]int, error) {
 			return nil, fmt.Errorf("steering: load of worker %d: %w", w, err)
 		}
 		out[w] = int(v)
-		if v == loadDead {
+		if v >= loadDead {
 			out[w] = -1
 		}
 	}

@@ -3,7 +3,9 @@
 package ebpf
 
 import (
+	"math"
 	"net/netip"
+	"slices"
 	"testing"
 )
 
@@ -135,7 +137,8 @@ func TestSteeringHashAloneDoesNotLevel(t *testing.T) {
 }
 
 // A dead worker's leftover slots are never chosen by load: connections go
-// to the live workers, not to the kernel's fallback hash.
+// to the live workers, not to the kernel's fallback hash. A load pushed past
+// the dead mark (the program's increment racing SetDead) still reads dead.
 func TestSteeringDeadWorkerSkipped(t *testing.T) {
 	s, addr, workers := fourWorkers(t, true)
 	for w, n := range []int{10, 20, 30, 0} {
@@ -146,16 +149,101 @@ func TestSteeringDeadWorkerSkipped(t *testing.T) {
 	if err := s.SetDead(3); err != nil {
 		t.Fatal(err)
 	}
-	dialN(t, addr, 40)
-	got := make([]int, 4)
-	for i, n := range counts(acceptAll(t, append(append(append(workers[0], workers[1]...), workers[2]...), workers[3]...), 40)) {
-		got[i/2] += n
+	if err := s.loads.Update(uint32(2), uint32(loadDead+1), 0); err != nil {
+		t.Fatal(err)
 	}
-	if got[0] != 40 {
-		t.Errorf("accepts per worker %v with worker 3 dead, want all 40 on worker 0 (lowest live load)", got)
+	dialN(t, addr, 40)
+	got := perWorker(acceptAll(t, allListeners(workers), 40), len(workers[0]))
+	// 10 + 25 = 20 + 15: the burst levels the two live workers.
+	if want := []int{25, 15, 0, 0}; !slices.Equal(got, want) {
+		t.Errorf("accepts per worker %v with workers 2 and 3 dead, want %v", got, want)
+	}
+	if loads, err := s.Loads(4); err != nil || !slices.Equal(loads, []int{35, 35, -1, -1}) {
+		t.Errorf("Loads() = %v, %v; want [35 35 -1 -1] (dead stay dead)", loads, err)
 	}
 	c, err := s.Counters()
 	if err != nil || c.Fallbacks != 0 {
 		t.Errorf("counters %+v, %v; want no fallback", c, err)
+	}
+}
+
+func allListeners(workers [][]int) []int {
+	var lns []int
+	for _, l := range workers {
+		lns = append(lns, l...)
+	}
+	return lns
+}
+
+// perWorker sums accepted connections per worker of per listeners each.
+func perWorker(accepted [][]int, per int) []int {
+	got := make([]int, len(accepted)/per)
+	for i, n := range counts(accepted) {
+		got[i/per] += n
+	}
+	return got
+}
+
+// within reports whether every count is within frac of want.
+func within(got []int, want int, frac float64) bool {
+	for _, n := range got {
+		if math.Abs(float64(n-want)) > frac*float64(want) {
+			return false
+		}
+	}
+	return true
+}
+
+// A reconnect storm: 400 connections with no SetLoad between them (no loop
+// tick). The program counts its own choices, so they spread evenly; with the
+// counts only user space writes, all 400 would see {0,0,0,0} and the hash
+// would pick the worker of each one's first scanned slot.
+func TestSteeringBurstSpreadsWithoutTicks(t *testing.T) {
+	s, addr, workers := fourWorkers(t, true)
+	for w := range workers {
+		if err := s.SetLoad(w, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dialN(t, addr, 400)
+	got := perWorker(acceptAll(t, allListeners(workers), 400), len(workers[0]))
+	t.Logf("burst of 400 from {0,0,0,0}: accepts per worker %v", got)
+	// Counting its choices, the program levels them to within one; the
+	// hash alone spreads 400 by about ±9 (one σ) a worker.
+	if sum(got) != 400 || !within(got, 100, 0.02) {
+		t.Errorf("accepts per worker %v, want 100 ± 2%% each", got)
+	}
+	loads, err := s.Loads(4)
+	if err != nil || !slices.Equal(loads, got) {
+		t.Errorf("Loads() = %v, %v; want the program to have counted %v", loads, err, got)
+	}
+}
+
+// A reconnect storm onto workers at {300,300,300,0} (the last one just
+// restarted), with no tick: the empty worker takes the first 300, then the
+// next 300 spread over all four.
+func TestSteeringBurstFillsEmptyWorkerFirst(t *testing.T) {
+	s, addr, workers := fourWorkers(t, true)
+	start := []int{300, 300, 300, 0}
+	for w, n := range start {
+		if err := s.SetLoad(w, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lns := allListeners(workers)
+	dialN(t, addr, 300)
+	first := perWorker(acceptAll(t, lns, 300), len(workers[0]))
+	dialN(t, addr, 300)
+	then := perWorker(acceptAll(t, lns, 300), len(workers[0]))
+	t.Logf("burst from %v: first 300 per worker %v, next 300 %v", start, first, then)
+	if !slices.Equal(first, []int{0, 0, 0, 300}) {
+		t.Errorf("first 300 per worker %v, want all on the empty worker 3", first)
+	}
+	if sum(then) != 300 || !within(then, 75, 0.10) {
+		t.Errorf("next 300 per worker %v, want 75 ± 10%% each", then)
+	}
+	loads, err := s.Loads(4)
+	if err != nil || sum(loads) != 1500 || !within(loads, 375, 0.10) {
+		t.Errorf("Loads() = %v, %v; want about 375 each", loads, err)
 	}
 }

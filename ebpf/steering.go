@@ -5,9 +5,11 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -81,9 +83,12 @@ func PinDirFor(base string, addr netip.AddrPort) string {
 // and renamed into place, so a concurrent or crashed opener never leaves a
 // half-made directory; if another process wins the rename, its steering is
 // opened instead. bpffs is mounted at /sys/fs/bpf if pinDir is under it and
-// nothing is mounted there.
+// nothing is mounted there. A steering pinned by another version is brought
+// up to this one in place when its listeners, active and counters maps fit
+// this program: the maps it lacks are created and this program replaces the
+// pinned one (it takes over the group at the next Attach).
 func OpenSteering(pinDir string) (*Steering, error) {
-	s, err := openPinned(pinDir)
+	s, err := openPinned(pinDir, true)
 	if err == nil || !errors.Is(err, os.ErrNotExist) {
 		return s, err
 	}
@@ -124,13 +129,16 @@ func OpenSteering(pinDir string) (*Steering, error) {
 		}
 		// Another process created it first: use theirs.
 	}
-	return openPinned(pinDir)
+	return openPinned(pinDir, true)
 }
 
 // openPinned opens the pins of an existing steering, checking they match
 // this binary's program; an error wrapping os.ErrNotExist means there is
-// none.
-func openPinned(pinDir string) (s *Steering, err error) {
+// none. With upgrade, a steering pinned by another version whose maps this
+// program can share is brought up to this version in place (see upgrade);
+// without it (PruneStale, which only reads the active generation and the
+// listeners), maps this program added may be missing and stay nil.
+func openPinned(pinDir string, upgrade bool) (s *Steering, err error) {
 	if _, err := os.Stat(pinDir); err != nil {
 		return nil, fmt.Errorf("steering: %w", err)
 	}
@@ -151,12 +159,26 @@ func openPinned(pinDir string) (s *Steering, err error) {
 	for _, m := range []struct {
 		name string
 		dst  **ebpf.Map
-	}{{pinListeners, &s.listeners}, {pinActive, &s.active}, {pinCounters, &s.counters}, {pinSlots, &s.slots}, {pinLoads, &s.loads}} {
-		if *m.dst, err = ebpf.LoadPinnedMap(filepath.Join(pinDir, m.name), nil); err != nil {
+		// added: a map only worker steering reads, which an older
+		// version did not pin; a fresh one (no worker tags, no loads)
+		// steers as that version did.
+		added bool
+	}{{pinListeners, &s.listeners, false}, {pinActive, &s.active, false}, {pinCounters, &s.counters, false}, {pinSlots, &s.slots, true}, {pinLoads, &s.loads, true}} {
+		path := filepath.Join(pinDir, m.name)
+		*m.dst, err = ebpf.LoadPinnedMap(path, nil)
+		if errors.Is(err, os.ErrNotExist) && m.added {
+			if !upgrade {
+				err = nil
+				continue
+			}
+			*m.dst, err = pinNewMap(spec.Maps[m.name], path)
+		}
+		if err != nil {
 			if errors.Is(err, os.ErrNotExist) {
-				// The directory exists but lacks a map this binary's
-				// program has: pinned by an older version. %v, not %w:
-				// this is no "no steering here" for OpenSteering.
+				// The directory exists but lacks a map the program
+				// cannot do without: pinned by another version. %v,
+				// not %w: this is no "no steering here" for
+				// OpenSteering.
 				return s, fmt.Errorf("steering: pinned map %s missing in %s, pinned by another version (remove the directory): %v", m.name, pinDir, err)
 			}
 			return s, fmt.Errorf("steering: %w", err)
@@ -165,7 +187,97 @@ func openPinned(pinDir string) (s *Steering, err error) {
 			return s, fmt.Errorf("steering: pinned map %s in %s is from another version (remove the directory): %w", m.name, pinDir, err)
 		}
 	}
+	if upgrade {
+		if err = s.upgrade(spec); err != nil {
+			return s, err
+		}
+	}
 	return s, nil
+}
+
+// pinNewMap creates a map from spec and pins it at path, or opens the one
+// another process pinned there first (a pin never replaces an existing
+// file), so concurrent upgraders end up sharing one map.
+func pinNewMap(spec *ebpf.MapSpec, path string) (*ebpf.Map, error) {
+	m, err := ebpf.NewMap(spec)
+	if err != nil {
+		return nil, fmt.Errorf("create map %s: %w", spec.Name, err)
+	}
+	err = m.Pin(path)
+	if err == nil {
+		return m, nil
+	}
+	m.Close()
+	if !errors.Is(err, os.ErrExist) {
+		return nil, fmt.Errorf("pin map %s: %w", spec.Name, err)
+	}
+	return ebpf.LoadPinnedMap(path, nil)
+}
+
+// upgrade makes the pinned program this binary's program over the pinned
+// maps. A directory pinned by an older version holds that version's
+// program, whose instructions differ, or which reads maps of its own that
+// were never pinned (those pinNewMap just created are not the ones it
+// reads): new maps are useless to it. So load this program against the
+// pinned maps and compare it with the pinned one by tag (the kernel's hash
+// of the instructions, map references masked) and by the maps it uses; if
+// either differs, pin the new program in place of the old one through a
+// temporary name and a rename, so the pin is never missing. The old
+// program stays attached to the listeners' reuseport group until the
+// generation opening this steering attaches its own (Attach, which every
+// generation does): SO_ATTACH_REUSEPORT_EBPF replaces the group's program,
+// and both steer through the same listeners and active maps meanwhile.
+func (s *Steering) upgrade(spec *ebpf.CollectionSpec) error {
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+		pinListeners: s.listeners, pinActive: s.active, pinCounters: s.counters, pinSlots: s.slots, pinLoads: s.loads,
+	}})
+	if err != nil {
+		return fmt.Errorf("steering: load against the maps pinned in %s: %w", s.pinDir, err)
+	}
+	prog := coll.DetachProgram(pinProg)
+	coll.Close() // the maps are clones of s's; prog keeps its own references
+	if prog == nil {
+		return fmt.Errorf("steering: program %s missing", pinProg)
+	}
+	same, err := sameProgram(s.prog, prog)
+	if err != nil || same {
+		prog.Close()
+		return err
+	}
+	tmp := filepath.Join(s.pinDir, fmt.Sprintf("tmp-%s-%d-%d", pinProg, os.Getpid(), rand.Uint64())) // no dots: bpffs
+	if err := prog.Pin(tmp); err != nil {
+		prog.Close()
+		return fmt.Errorf("steering: pin upgraded program: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(s.pinDir, pinProg)); err != nil {
+		os.Remove(tmp)
+		prog.Close()
+		return fmt.Errorf("steering: replace the pinned program: %w", err)
+	}
+	s.prog.Close()
+	s.prog = prog
+	return nil
+}
+
+// sameProgram reports whether a and b have the same instructions and use
+// the same maps.
+func sameProgram(a, b *ebpf.Program) (bool, error) {
+	ai, err := a.Info()
+	if err != nil {
+		return false, fmt.Errorf("steering: pinned program: %w", err)
+	}
+	bi, err := b.Info()
+	if err != nil {
+		return false, fmt.Errorf("steering: program: %w", err)
+	}
+	am, aok := ai.MapIDs()
+	bm, bok := bi.MapIDs()
+	if !aok || !bok {
+		return false, errors.New("steering: the kernel reports no map IDs of programs")
+	}
+	slices.Sort(am)
+	slices.Sort(bm)
+	return ai.Tag == bi.Tag && slices.Equal(am, bm), nil
 }
 
 // ensureBPFFS makes dir (and its parents) on a bpffs, mounting bpffs at
@@ -311,7 +423,7 @@ func PruneStale(base string) {
 		if !e.IsDir() || strings.HasPrefix(e.Name(), "tmp-") {
 			continue
 		}
-		s, err := openPinned(dir)
+		s, err := openPinned(dir, false)
 		if err != nil {
 			continue
 		}

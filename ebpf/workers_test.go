@@ -5,8 +5,13 @@ package ebpf
 import (
 	"math"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"testing"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // fourWorkers opens 4 "workers" of 2 listeners each on one address in a
@@ -17,6 +22,13 @@ func fourWorkers(t *testing.T, steered bool) (*Steering, netip.AddrPort, [][]int
 	enterNetns(t)
 	s := openSteering(t, testPinDir(t))
 	first, addr := listen(t, netip.MustParseAddrPort("127.0.0.1:0"))
+	return attachFourWorkers(t, s, first, addr, steered)
+}
+
+// attachFourWorkers attaches s's program to the group of first, then opens
+// and inserts the workers' listeners as fourWorkers says.
+func attachFourWorkers(t *testing.T, s *Steering, first int, addr netip.AddrPort, steered bool) (*Steering, netip.AddrPort, [][]int) {
+	t.Helper()
 	if err := s.Attach(first); err != nil {
 		privileged(t, "%v", err)
 	}
@@ -245,5 +257,118 @@ func TestSteeringBurstFillsEmptyWorkerFirst(t *testing.T) {
 	loads, err := s.Loads(4)
 	if err != nil || sum(loads) != 1500 || !within(loads, 375, 0.10) {
 		t.Errorf("Loads() = %v, %v; want about 375 each", loads, err)
+	}
+}
+
+// pinOlderLayout pins into dir what a version without worker steering
+// pinned: the listeners, active and counters maps, and a program over them
+// whose slot_worker and worker_load are its own, never pinned. It returns
+// that program, still open so the caller can attach it as the older
+// generation did.
+func pinOlderLayout(t *testing.T, dir string) *ebpf.Program {
+	t.Helper()
+	if err := ensureBPFFS(filepath.Dir(dir)); err != nil {
+		privileged(t, "%v", err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	spec, err := loadReuseport()
+	if err != nil {
+		t.Fatal(err)
+	}
+	replace := map[string]*ebpf.Map{}
+	for _, name := range []string{pinListeners, pinActive, pinCounters} {
+		m, err := ebpf.NewMap(spec.Maps[name])
+		if err != nil {
+			privileged(t, "create map %s: %v", name, err)
+		}
+		defer m.Close()
+		if err := m.Pin(filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+		replace[name] = m
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: replace})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer coll.Close()
+	prog := coll.DetachProgram(pinProg)
+	t.Cleanup(func() { prog.Close() })
+	if err := prog.Pin(filepath.Join(dir, pinProg)); err != nil {
+		t.Fatal(err)
+	}
+	return prog
+}
+
+func progID(t *testing.T, p *ebpf.Program) ebpf.ProgramID {
+	t.Helper()
+	info, err := p.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, ok := info.ID()
+	if !ok {
+		t.Fatal("the kernel reports no program ID")
+	}
+	return id
+}
+
+// A pin directory left by a version without worker steering (no
+// slot_worker or worker_load pinned, a program reading maps of its own) is
+// upgraded in place: the missing maps are created and pinned, the program
+// is replaced by this one over the pinned maps, and once the new generation
+// attaches it, the group steers by the workers' loads. Before, OpenSteering
+// refused the directory and the proxy fell back to the kernel's hash.
+func TestSteeringUpgradesOlderPinDir(t *testing.T) {
+	enterNetns(t)
+	dir := testPinDir(t)
+	older := pinOlderLayout(t, dir)
+	first, addr := listen(t, netip.MustParseAddrPort("127.0.0.1:0"))
+	// The older generation's program steers the group, as it would
+	// until the next generation attaches.
+	if err := unix.SetsockoptInt(first, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, older.FD()); err != nil {
+		privileged(t, "SO_ATTACH_REUSEPORT_EBPF: %v", err)
+	}
+
+	s := openSteering(t, dir)
+	for _, name := range []string{pinSlots, pinLoads} {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			t.Errorf("map %s not pinned by the upgrade: %v", name, err)
+		}
+	}
+	if progID(t, s.prog) == progID(t, older) {
+		t.Fatal("OpenSteering kept the older program, which reads no pinned worker map")
+	}
+	pinned, err := ebpf.LoadPinnedProgram(filepath.Join(dir, pinProg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pinned.Close()
+	if progID(t, pinned) != progID(t, s.prog) {
+		t.Error("the pinned program is not the one OpenSteering loaded")
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 6 {
+		t.Errorf("pin directory holds %d entries, want the program and 5 maps (no temporary left)", len(ents))
+	}
+
+	s, addr, workers := attachFourWorkers(t, s, first, addr, true)
+	for w, n := range []int{300, 300, 300, 0} {
+		if err := s.SetLoad(w, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dialN(t, addr, 100)
+	got := perWorker(acceptAll(t, allListeners(workers), 100), len(workers[0]))
+	if !slices.Equal(got, []int{0, 0, 0, 100}) {
+		t.Errorf("after the upgrade, accepts per worker %v from loads {300,300,300,0}, want all 100 on worker 3", got)
+	}
+
+	// The next generation finds the directory current and keeps its
+	// program: no upgrade on every open.
+	again := openSteering(t, dir)
+	if progID(t, again.prog) != progID(t, s.prog) {
+		t.Error("a second OpenSteering replaced an up-to-date program")
 	}
 }

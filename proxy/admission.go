@@ -56,7 +56,9 @@ const admStripes = 64
 // Admission decides whether a new device may go on to its broker: a token
 // bucket per shard, and a limit of concurrent connections per source
 // address. It is safe for concurrent use by every event loop, and Admit
-// does not allocate in steady state.
+// does not allocate in steady state. NewAdmission keeps the buckets in the
+// process; NewSharedAdmission keeps them in an AdmissionRegion shared by the
+// worker processes of one host.
 type Admission struct {
 	limits       atomic.Pointer[admLimits]
 	perSourceMax atomic.Int32
@@ -67,6 +69,9 @@ type Admission struct {
 
 	now  func() time.Time // time.Now; tests replace it
 	base time.Time        // bucket times are nanoseconds since base
+	// region holds the buckets when they are shared between processes;
+	// nil: they live in each admLimits.
+	region *AdmissionRegion
 }
 
 // admLimits is one configuration of the token buckets, swapped whole by
@@ -78,13 +83,20 @@ type admLimits struct {
 	// It needs one compare-and-swap and no lock.
 	interval  int64 // ns per token; 0: unlimited
 	tolerance int64 // burst × interval
-	buckets   []admBucket
+	// buckets[s] is shard s's bucket; every other shard (-1, out of range)
+	// uses overflow. Both point into an AdmissionRegion when shared.
+	buckets  []admBucket
+	overflow *admBucket
 }
 
 type admBucket struct {
 	tat atomic.Int64 // theoretical arrival time, ns since Admission.base
 	_   [56]byte     // a cache line per bucket: loops on other cores admit other shards
 }
+
+// admBucketSize is the size of admBucket, and of a bucket's slot in an
+// AdmissionRegion.
+const admBucketSize = 64
 
 type admStripe struct {
 	mu sync.Mutex
@@ -103,7 +115,11 @@ func NewAdmission(cfg AdmissionConfig, shards int) *Admission {
 }
 
 func newAdmissionClock(cfg AdmissionConfig, shards int, now func() time.Time) *Admission {
-	a := &Admission{now: now, base: now()}
+	return newAdmissionAt(cfg, shards, now, now(), nil)
+}
+
+func newAdmissionAt(cfg AdmissionConfig, shards int, now func() time.Time, base time.Time, r *AdmissionRegion) *Admission {
+	a := &Admission{now: now, base: base, region: r}
 	for i := range a.stripes {
 		a.stripes[i].n = make(map[netip.Addr]int32)
 	}
@@ -115,8 +131,15 @@ func newAdmissionClock(cfg AdmissionConfig, shards int, now func() time.Time) *A
 // start full. Per-source counts carry over; when a per-source limit is
 // switched on, connections admitted before were not counted, so the limit
 // is loose (never tight) until they have closed.
+//
+// On a shared Admission the buckets are refilled only when the limits
+// differ from the ones the region was last configured with, by whichever
+// process gets there first: every worker reloads on SIGHUP, and N refills
+// would let N bursts through. Reloading the same limits is then a no-op
+// for the buckets, and so is a worker starting (or restarting) with them.
 func (a *Admission) Reconfigure(cfg AdmissionConfig, shards int) {
-	l := &admLimits{buckets: make([]admBucket, max(shards, 0)+1)}
+	shards = max(shards, 0)
+	l := &admLimits{}
 	if cfg.Rate > 0 && !math.IsInf(cfg.Rate, 0) {
 		burst := float64(cfg.Burst)
 		if cfg.Burst <= 0 {
@@ -128,16 +151,26 @@ func (a *Admission) Reconfigure(cfg AdmissionConfig, shards int) {
 		l.interval = int64(min(max(1, math.Round(float64(time.Second)/cfg.Rate)), limit))
 		l.tolerance = int64(min(burst*float64(l.interval), limit))
 	}
-	// Start full: a bucket whose arrival time is far in the past.
-	start := a.elapsed() - l.tolerance
-	for i := range l.buckets {
-		l.buckets[i].tat.Store(start)
+	if a.region != nil {
+		a.region.bind(l, shards, a.elapsed())
+	} else {
+		all := make([]admBucket, shards+1)
+		l.buckets, l.overflow = all[:shards], &all[shards]
+		fillBuckets(all, a.elapsed(), l.tolerance)
 	}
 	a.limits.Store(l)
 	ps := int32(min(max(cfg.PerSourceMax, 0), math.MaxInt32))
 	a.perSourceMax.Store(ps)
 	if ps > 0 {
 		a.counting.Store(true)
+	}
+}
+
+// fillBuckets makes every bucket full at now: an arrival time far enough
+// in the past that a whole burst fits.
+func fillBuckets(b []admBucket, now, tolerance int64) {
+	for i := range b {
+		b[i].tat.Store(now - tolerance)
 	}
 }
 
@@ -220,8 +253,8 @@ func (a *Admission) take(shard int) bool {
 	if l.interval == 0 {
 		return true
 	}
-	b := &l.buckets[len(l.buckets)-1]
-	if shard >= 0 && shard < len(l.buckets)-1 {
+	b := l.overflow
+	if shard >= 0 && shard < len(l.buckets) {
 		b = &l.buckets[shard]
 	}
 	now := a.elapsed()

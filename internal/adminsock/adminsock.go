@@ -141,38 +141,34 @@ func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
 
 // Client returns an http.Client whose requests, whatever their URL host,
 // go to pid's admin socket; timeout bounds each request (zero: no bound
-// beyond the request's context). Keep and reuse the client: its transport
-// keeps idle connections (closed after 30 s idle).
+// beyond the request's context).
+//
+// Each request uses a connection of its own, closed after it: a local
+// connect costs microseconds, and callers may make a Client per request
+// without leaving idle connections (and their server goroutines) behind.
 func Client(pid int, timeout time.Duration) *http.Client {
-	return &http.Client{Transport: transport(pid, false), Timeout: timeout}
-}
-
-func transport(pid int, oneShot bool) *http.Transport {
 	name := addr(pid)
 	var d net.Dialer
-	return &http.Transport{
+	return &http.Client{Timeout: timeout, Transport: &http.Transport{
 		// Proxy stays nil: an HTTP_PROXY in the environment must not
 		// send admin requests anywhere but the socket.
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			return d.DialContext(ctx, "unix", name)
 		},
-		DisableKeepAlives: oneShot,
+		DisableKeepAlives: true,
 		// Compressing over a local socket costs CPU and saves nothing.
 		DisableCompression: true,
-		IdleConnTimeout:    30 * time.Second,
-	}
+	}}
 }
 
-// get GETs path from pid's admin socket over a connection used once, so
-// the one-off calls below leave nothing idle behind.
+// get GETs path from pid's admin socket and checks for 200 OK.
 func get(ctx context.Context, pid int, path, accept string) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, URL+path, nil)
 	if err != nil {
 		return nil, err
 	}
 	req.Header.Set("Accept", accept)
-	c := http.Client{Transport: transport(pid, true)}
-	resp, err := c.Do(req)
+	resp, err := Client(pid, 0).Do(req)
 	if errors.Is(err, syscall.ECONNREFUSED) {
 		// Nobody listens on an abstract name: it is freed the moment
 		// its process closes it or exits.

@@ -74,6 +74,7 @@ type admin struct {
 	ln       *Listener
 	reg      *prometheus.Registry
 	statuses atomic.Int64 // /api/v1/status requests served
+	kept     atomic.Int64 // requests that asked to keep their connection open
 }
 
 func serveAdmin(t *testing.T, pid int) *admin {
@@ -85,8 +86,11 @@ func serveAdmin(t *testing.T, pid int) *admin {
 	a := &admin{pid: pid, ln: ln.(*Listener), reg: prometheus.NewRegistry()}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /api/v1/status", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET /api/v1/status", func(w http.ResponseWriter, r *http.Request) {
 		a.statuses.Add(1)
+		if !r.Close {
+			a.kept.Add(1)
+		}
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(Status{PID: pid, Role: "worker", Generation: 7, Worker: 2, Connections: 1234, HandedOver: true})
 	})
@@ -143,6 +147,10 @@ func TestClientIgnoresURLHost(t *testing.T) {
 	}
 	if n := a.statuses.Load(); n != 3 {
 		t.Fatalf("server saw %d status requests, want 3", n)
+	}
+	// A Client per request must leave no idle connection behind.
+	if n := a.kept.Load(); n != 0 {
+		t.Fatalf("%d requests kept their connection open", n)
 	}
 }
 

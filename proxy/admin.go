@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
+	"sync"
 	"syscall"
 	"time"
 
@@ -50,10 +51,21 @@ func Answer(s *backend.Snapshot, clientID string) RouteAnswer {
 
 // AdminOptions configures the admin HTTP server.
 type AdminOptions struct {
-	// Addr is IP:port to listen on.
+	// Addr is IP:port to listen on. Empty: no TCP listener (a worker
+	// process, served only on Listeners).
 	Addr string
+	// Listeners are further listeners served the same handlers, such as
+	// the process's private admin socket (internal/adminsock). The Admin
+	// closes them on Shutdown.
+	Listeners []net.Listener
 	// Router is read for /api/v1/route and /api/v1/backends.
 	Router *backend.Router
+	// API, when set, answers /api/v1/route and /api/v1/backends instead
+	// of Router (a workers' supervisor passes them to a worker).
+	API http.Handler
+	// Status, when set, answers /api/v1/status: what this process is
+	// (role, generation, devices held).
+	Status func() any
 	// Gatherer serves /metrics.
 	Gatherer prometheus.Gatherer
 	// Ready reports why the proxy is not ready to take devices (nil: ready).
@@ -75,7 +87,10 @@ type AdminOptions struct {
 type Admin struct {
 	o   AdminOptions
 	srv *http.Server
-	ln  net.Listener
+	ln  net.Listener // the TCP listener; nil without one
+
+	mu     sync.Mutex
+	closed bool // the TCP listener was closed on purpose (CloseTCP)
 }
 
 // NewAdmin binds the admin address.
@@ -95,11 +110,14 @@ func NewAdmin(o AdminOptions) (*Admin, error) {
 		}
 		return serr
 	}}
-	ln, err := lc.Listen(context.Background(), "tcp", o.Addr)
-	if err != nil {
-		return nil, fmt.Errorf("admin: %w", err)
+	a := &Admin{o: o}
+	if o.Addr != "" {
+		ln, err := lc.Listen(context.Background(), "tcp", o.Addr)
+		if err != nil {
+			return nil, fmt.Errorf("admin: %w", err)
+		}
+		a.ln = ln
 	}
-	a := &Admin{o: o, ln: ln}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(o.Gatherer, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(o.Log.Handler(), slog.LevelError)}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
@@ -107,8 +125,16 @@ func NewAdmin(o AdminOptions) (*Admin, error) {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", a.readyz)
-	mux.HandleFunc("GET /api/v1/route", a.route)
-	mux.HandleFunc("GET /api/v1/backends", a.backends)
+	if o.API != nil {
+		mux.Handle("GET /api/v1/route", o.API)
+		mux.Handle("GET /api/v1/backends", o.API)
+	} else {
+		mux.HandleFunc("GET /api/v1/route", a.route)
+		mux.HandleFunc("GET /api/v1/backends", a.backends)
+	}
+	if o.Status != nil {
+		mux.HandleFunc("GET /api/v1/status", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, o.Status()) })
+	}
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -118,17 +144,56 @@ func NewAdmin(o AdminOptions) (*Admin, error) {
 	return a, nil
 }
 
-// Addr is the bound address.
+// Addr is the bound TCP address (the zero value without one).
 func (a *Admin) Addr() netip.AddrPort {
+	if a.ln == nil {
+		return netip.AddrPort{}
+	}
 	return a.ln.Addr().(*net.TCPAddr).AddrPort()
 }
 
-// Serve serves until Shutdown; run it on its own goroutine.
+// Serve serves every listener until Shutdown; run it on its own goroutine.
+// It returns the first listener's unexpected error.
 func (a *Admin) Serve() error {
-	if err := a.srv.Serve(a.ln); !errors.Is(err, http.ErrServerClosed) {
-		return err
+	lns := append([]net.Listener(nil), a.o.Listeners...)
+	if a.ln != nil {
+		lns = append(lns, a.ln)
 	}
-	return nil
+	errs := make(chan error, len(lns))
+	for _, ln := range lns {
+		go func() {
+			err := a.srv.Serve(ln)
+			a.mu.Lock()
+			closed := a.closed && ln == a.ln
+			a.mu.Unlock()
+			if errors.Is(err, http.ErrServerClosed) || closed {
+				err = nil
+			}
+			errs <- err
+		}()
+	}
+	var first error
+	for range lns {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// CloseTCP closes the TCP listener and ends keep-alive: a proxy generation
+// that handed over leaves the admin port to the next one and keeps its
+// private socket. Idle connections are closed at once and busy ones after
+// their request, so a scraper that keeps its connection open moves to the
+// next generation at its next scrape.
+func (a *Admin) CloseTCP() {
+	a.mu.Lock()
+	a.closed = true
+	a.mu.Unlock()
+	if a.ln != nil {
+		a.ln.Close()
+	}
+	a.srv.SetKeepAlivesEnabled(false)
 }
 
 // Shutdown stops the server.

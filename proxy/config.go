@@ -155,12 +155,14 @@ type ConnectConfig struct {
 // AdmissionSettings configures admission control.
 type AdmissionSettings struct {
 	// Rate is new devices per second per shard (token bucket). Default 0:
-	// unlimited.
+	// unlimited. With --workers N the buckets live in memory shared by all
+	// workers, so the rate holds for the host, as with one process.
 	Rate float64 `yaml:"rate"`
 	// Burst is the bucket size. Default max(1, rate).
 	Burst int `yaml:"burst"`
 	// PerSourceMax caps concurrent connections from one source address.
-	// Default 0: unlimited.
+	// Default 0: unlimited. Counted per process: with --workers N a
+	// source can hold up to N × per_source_max connections on the host.
 	PerSourceMax int `yaml:"per_source_max"`
 	// LogInterval is the least time between two log lines about refused
 	// devices of one reason. Default 10s.

@@ -19,6 +19,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
@@ -39,7 +40,33 @@ type Options struct {
 	Registry prometheus.Registerer
 	// Log receives the proxy's logs. Nil: slog.Default().
 	Log *slog.Logger
+	// Worker, when set, makes this proxy one worker process of a
+	// supervisor (shardgate proxy --workers N): it inserts its listeners
+	// into the supervisor's steering generation under its worker index,
+	// publishes its connection count for least-loaded steering, and
+	// draws admission tokens from the host-wide buckets. Nil: a proxy of
+	// its own.
+	Worker *WorkerOptions
 }
+
+// WorkerOptions describe a worker process's place under its supervisor.
+type WorkerOptions struct {
+	// Index is the worker's number, 0 to Count-1; its listeners take
+	// steering slots Index×event_loops onwards.
+	Index, Count int
+	// Generation is the steering generation the supervisor activates
+	// once every worker has inserted its listeners (a restarted worker
+	// joins the active one).
+	Generation uint32
+	// Admission holds the per-shard buckets shared by every worker of the
+	// host. Nil: this process's own.
+	Admission *AdmissionRegion
+}
+
+// loadPublishEvery is how often a worker writes its connection count for
+// the steering program. The program also counts its own choices between
+// writes, so this only corrects for closes and handshakes that failed.
+const loadPublishEvery = 20 * time.Millisecond
 
 // Proxy states, in Proxy.state.
 const (
@@ -110,6 +137,9 @@ type Proxy struct {
 	gen       uint32
 	prevPIDs  []int
 	steerDone sync.Once
+	worker    *WorkerOptions
+	loadStop  chan struct{} // closed to stop publishing the worker's load
+	loadDone  chan struct{}
 
 	// vipFD is the first VIP listener (-1: no VIP configured), the one in
 	// the SK_LOOKUP program's SOCKMAP; the kernel spreads its connections
@@ -176,7 +206,7 @@ func New(o Options) (*Proxy, error) {
 		log:       log,
 		metrics:   m,
 		dialer:    dialer,
-		admission: NewAdmission(acfg, max(cfg.Shards, o.Router.Load().Shards())),
+		admission: newAdmissionFor(o.Worker, acfg, max(cfg.Shards, o.Router.Load().Shards())),
 		admitLog:  NewSampledLog(log, cfg.Admission.LogInterval.D()),
 		dialLog:   NewSampledLog(log, cfg.Admission.LogInterval.D()),
 		acceptLog: NewSampledLog(log, cfg.Admission.LogInterval.D()),
@@ -184,6 +214,10 @@ func New(o Options) (*Proxy, error) {
 		insts:     make(map[string]*instLive),
 		vipFD:     -1,
 		reg:       o.Registry,
+		worker:    o.Worker,
+	}
+	if w := o.Worker; w != nil && (w.Count < 1 || w.Count > ebpf.MaxWorkers || w.Index < 0 || w.Index >= w.Count) {
+		return nil, fmt.Errorf("proxy: worker %d of %d, want 0 to count-1, count 1 to %d", w.Index, w.Count, ebpf.MaxWorkers)
 	}
 	loops := cfg.EventLoops
 	if loops <= 0 {
@@ -294,7 +328,9 @@ func (p *Proxy) openSteering(base string, reg prometheus.Registerer) {
 		ss = append(ss, s)
 	}
 	p.steer = ss
-	if reg != nil {
+	// A worker's supervisor exports the program's counters once for all:
+	// summed over workers they would count every selection N times.
+	if reg != nil && p.worker == nil {
 		if err := reg.Register(ebpf.NewCollector(ss...)); err != nil {
 			p.log.Warn("reuseport counters not exported", "err", err)
 		}
@@ -308,6 +344,9 @@ func (p *Proxy) openSteering(base string, reg prometheus.Registerer) {
 func (p *Proxy) activateSteering() string {
 	if p.steer == nil {
 		return "kernel hash"
+	}
+	if p.worker != nil {
+		return p.insertWorker()
 	}
 	var gen uint32
 	prev := map[int]bool{}
@@ -323,14 +362,7 @@ func (p *Proxy) activateSteering() string {
 	}
 	gen++
 	for i, s := range p.steer {
-		var fds []int
-		for _, l := range p.loops {
-			for _, ln := range l.listeners {
-				if ln.addr == p.addrs[i] && ln.fd >= 0 {
-					fds = append(fds, ln.fd)
-				}
-			}
-		}
+		fds := p.listenerFDs(p.addrs[i])
 		err := s.Attach(fds[0])
 		if err == nil {
 			err = s.Insert(gen, fds)
@@ -352,6 +384,76 @@ func (p *Proxy) activateSteering() string {
 	return fmt.Sprintf("ebpf generation %d", gen)
 }
 
+// insertWorker puts this worker's listeners into the supervisor's
+// generation under its worker index, and marks it empty, so the program
+// sends it new connections at once if the generation is active (a
+// restarted worker) or once the supervisor activates it.
+func (p *Proxy) insertWorker() string {
+	w := p.worker
+	for i, s := range p.steer {
+		fds := p.listenerFDs(p.addrs[i])
+		first := w.Index * len(fds)
+		err := s.Attach(fds[0])
+		if err == nil {
+			err = s.InsertWorker(w.Generation, w.Index, first, fds)
+		}
+		if err == nil {
+			err = s.SetLoad(w.Index, 0)
+		}
+		if err != nil {
+			p.log.Warn("eBPF reuseport steering not enabled for this worker: plain SO_REUSEPORT (kernel hash)", "listen", p.addrs[i], "worker", w.Index, "err", err)
+			return "kernel hash"
+		}
+	}
+	p.gen = w.Generation
+	p.loadStop, p.loadDone = make(chan struct{}), make(chan struct{})
+	go p.publishLoad()
+	return fmt.Sprintf("ebpf generation %d, worker %d of %d, least loaded", w.Generation, w.Index, w.Count)
+}
+
+// publishLoad writes the worker's connection count for the steering
+// program until Shutdown.
+func (p *Proxy) publishLoad() {
+	defer close(p.loadDone)
+	t := time.NewTicker(loadPublishEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.loadStop:
+			return
+		case <-t.C:
+		}
+		n := p.Active()
+		for _, s := range p.steer {
+			if err := s.SetLoad(p.worker.Index, n); err != nil {
+				p.acceptLog.Log(context.Background(), slog.LevelWarn, "steering load", "eBPF steering: worker load not written", "err", err)
+			}
+		}
+	}
+}
+
+// stopLoad stops publishLoad, if it runs.
+func (p *Proxy) stopLoad() {
+	if p.loadStop != nil {
+		close(p.loadStop)
+		<-p.loadDone
+		p.loadStop = nil
+	}
+}
+
+// listenerFDs returns the listening sockets of addr, one per loop.
+func (p *Proxy) listenerFDs(addr netip.AddrPort) []int {
+	var fds []int
+	for _, l := range p.loops {
+		for _, ln := range l.listeners {
+			if ln.addr == addr && ln.fd >= 0 {
+				fds = append(fds, ln.fd)
+			}
+		}
+	}
+	return fds
+}
+
 // Generation returns this process's steering generation (0: no eBPF
 // steering) and the processes of the older generations it took every new
 // connection from, to be told to stop accepting (shardgate proxy --upgrade).
@@ -365,8 +467,11 @@ func (p *Proxy) Generation() (uint32, []int) {
 // proxies leave nothing in bpffs.
 func (p *Proxy) closeSteering() {
 	p.steerDone.Do(func() {
+		p.stopLoad()
 		for _, s := range p.steer {
-			if g, err := s.Active(); err == nil && (g.Gen == 0 || g.PID == os.Getpid() && g.Gen == p.gen && p.gen != 0) {
+			// A worker never removes them: its supervisor owns the
+			// generation and restarts workers into it.
+			if g, err := s.Active(); err == nil && p.worker == nil && (g.Gen == 0 || g.PID == os.Getpid() && g.Gen == p.gen && p.gen != 0) {
 				os.RemoveAll(s.PinDir())
 			}
 			s.Close()
@@ -487,4 +592,12 @@ func (p *Proxy) closeWake() {
 			l.wake = -1
 		}
 	}
+}
+
+// newAdmissionFor is a worker's host-wide admission, or this process's own.
+func newAdmissionFor(w *WorkerOptions, cfg AdmissionConfig, shards int) *Admission {
+	if w != nil && w.Admission != nil {
+		return NewSharedAdmission(cfg, shards, w.Admission)
+	}
+	return NewAdmission(cfg, shards)
 }

@@ -138,6 +138,7 @@ func (s *server) start() (exited bool, err error) {
 	if err := cmd.Start(); err != nil {
 		return false, fmt.Errorf("start %s: %w", s.bin, err)
 	}
+	raiseFileLimit(cmd.Process.Pid)
 	done := make(chan struct{})
 	go func() {
 		cmd.Wait()

@@ -5,3 +5,5 @@ package servertest
 import "syscall"
 
 func sysProcAttr() *syscall.SysProcAttr { return nil }
+
+func raiseFileLimit(int) {}

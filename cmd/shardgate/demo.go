@@ -55,5 +55,5 @@ func runDemo(args []string) error {
 		log.Info("demo broker", "shard", i, "address", a.String())
 	}
 	log.Info("demo fleet: connect devices to the proxy", "mqtt", *listen, "admin", "http://"+*admin+"/metrics", "route", "http://"+*admin+"/api/v1/route?client_id=device-1")
-	return serveProxy(cfg, log, nil, nil, fleet)
+	return serveProxy(cfg, log, nil, nil, nil, fleet)
 }

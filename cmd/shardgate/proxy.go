@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 
 	"github.com/shardgate/shardgate/backend"
 	"github.com/shardgate/shardgate/health"
+	"github.com/shardgate/shardgate/internal/adminsock"
 	"github.com/shardgate/shardgate/proxy"
 )
 
@@ -29,6 +31,7 @@ func runProxy(args []string) error {
 	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
 	cfgPath := fs.String("config", "proxy.yaml", "proxy configuration file (YAML)")
 	check := fs.Bool("check", false, "validate the configuration and exit")
+	workers := fs.Int("workers", 0, "run this many worker processes under a supervisor that serves the admin port: new connections go to the least-loaded worker (eBPF steering), a worker that dies is restarted and only its devices reconnect; event_loops is shared out among them. 0: one process")
 	upgrade := fs.Bool("upgrade", false, "take over from the running proxy of this configuration: take every new connection, then tell it to stop accepting (it relays its connected devices until they end, upgrade.handoff_delay or shutdown.grace); needs the eBPF steering (reuseport.pin_dir)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -42,9 +45,25 @@ func runProxy(args []string) error {
 		return nil
 	}
 	log := newLogger(cfg.Log.Level, cfg.Log.Format)
+	wk, err := workerFromEnv()
+	if err != nil {
+		return err
+	}
+	reload := func() (*proxy.Config, error) { return proxy.LoadConfig(*cfgPath) }
+	if wk != nil {
+		// A worker of a supervisor: it serves the admin API on its
+		// private socket only, and upgrades go through the supervisor.
+		log = log.With("worker", wk.index)
+		slog.SetDefault(log)
+		cfg.EventLoops = wk.loops
+		return serveProxy(cfg, log, reload, nil, wk)
+	}
 	slog.SetDefault(log)
 	up := &upgrader{args: withoutUpgrade(args), takeover: *upgrade}
-	return serveProxy(cfg, log, func() (*proxy.Config, error) { return proxy.LoadConfig(*cfgPath) }, up)
+	if *workers > 0 {
+		return runSupervisor(cfg, up.args, *workers, log, up)
+	}
+	return serveProxy(cfg, log, reload, up, nil)
 }
 
 // upgrader is what a proxy process needs for generation handover.
@@ -86,34 +105,6 @@ func (u *upgrader) startNext(log *slog.Logger) {
 	go cmd.Wait() // reap it if it fails early; it outlives this process otherwise
 }
 
-// takeOver tells the generations this process took over from to stop
-// accepting, and systemd (NOTIFY_SOCKET, NotifyAccess=all) that this is the
-// service's main process now.
-func (u *upgrader) takeOver(px *proxy.Proxy, log *slog.Logger) {
-	gen, prev := px.Generation()
-	if !u.takeover {
-		if len(prev) > 0 {
-			log.Warn("another proxy of this configuration is running: this one takes every new connection; it keeps its connected devices (use --upgrade to stop it)", "generation", gen, "pids", prev)
-		}
-		return
-	}
-	if gen == 0 {
-		log.Error("upgrade: no eBPF steering, so the running proxy cannot be found or stopped; both now share new connections by the kernel's hash")
-		return
-	}
-	for _, pid := range prev {
-		if err := syscall.Kill(pid, syscall.SIGUSR1); err != nil {
-			log.Warn("upgrade: could not tell the previous generation to stop", "pid", pid, "err", err)
-			continue
-		}
-		log.Info("upgrade: took every new connection; told the previous generation to stop accepting", "generation", gen, "previous_pid", pid)
-	}
-	if len(prev) == 0 {
-		log.Info("upgrade: no previous generation running; serving", "generation", gen)
-	}
-	sdNotify(fmt.Sprintf("MAINPID=%d\nREADY=1", os.Getpid()), log)
-}
-
 // waitRoutable waits until the router has a snapshot with a healthy
 // instance, or max.
 func waitRoutable(router *backend.Router, max time.Duration, log *slog.Logger) {
@@ -152,7 +143,7 @@ func sdNotify(state string, log *slog.Logger) {
 // close the admin listener, relay the connected devices until they end or
 // shutdown.grace, exit. up may be nil (no upgrades). extra collectors are
 // served on /metrics beside the proxy's own.
-func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Config, error), up *upgrader, extra ...prometheus.Collector) (err error) {
+func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Config, error), up *upgrader, wk *workerEnv, extra ...prometheus.Collector) (err error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	reg.MustRegister(extra...)
@@ -179,9 +170,22 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 		src = static
 	}
 	router := backend.NewRouter(nil)
-	px, err := proxy.New(proxy.Options{Config: cfg, Router: router, Registry: reg, Log: log})
+	opts := proxy.Options{Config: cfg, Router: router, Registry: reg, Log: log}
+	role := "proxy"
+	if wk != nil {
+		role = "worker"
+		opts.Worker = &proxy.WorkerOptions{Index: wk.index, Count: wk.count, Generation: wk.gen, Admission: wk.region}
+	}
+	px, err := proxy.New(opts)
 	if err != nil {
 		return err
+	}
+	var handedOver atomic.Bool
+	if wk == nil {
+		// The devices of the generations this one took over from, read
+		// from their private admin sockets (a worker's supervisor does
+		// this for all its workers).
+		reg.MustRegister(&prevGenCollector{pids: func() []int { _, prev := px.Generation(); return prev }})
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
@@ -200,9 +204,33 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 	}()
 
 	var admin *proxy.Admin
-	if cfg.Admin != "off" {
+	if cfg.Admin != "off" || wk != nil {
+		addr := cfg.Admin
+		var lns []net.Listener
+		ln, lerr := adminsock.Listen()
+		switch {
+		case lerr == nil:
+			lns = append(lns, ln)
+		case wk != nil:
+			px.Shutdown(canceled())
+			return fmt.Errorf("worker admin socket: %w", lerr)
+		default:
+			log.Warn("private admin socket not served: a next generation cannot report this one's devices", "err", lerr)
+		}
+		if wk != nil {
+			addr = "" // the supervisor serves the admin port
+		}
 		admin, err = proxy.NewAdmin(proxy.AdminOptions{
-			Addr: cfg.Admin, Router: router, Gatherer: reg, Log: log,
+			Addr: addr, Listeners: lns, Router: router, Gatherer: reg, Log: log,
+			Status: func() any {
+				gen, _ := px.Generation()
+				st := adminsock.Status{PID: os.Getpid(), Role: role, Generation: gen, Worker: -1,
+					Connections: px.Active(), HandedOver: handedOver.Load()}
+				if wk != nil {
+					st.Worker = wk.index
+				}
+				return st
+			},
 			Ready: func() error {
 				s := router.Load()
 				switch {
@@ -260,9 +288,12 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 	}
 	px.Start()
 	if up != nil {
-		up.takeOver(px, log)
+		gen, prev := px.Generation()
+		takeOverFrom(up, gen, prev, log)
 	}
-	if up == nil || !up.takeover {
+	if wk != nil {
+		wk.signalReady()
+	} else if up == nil || !up.takeover {
 		sdNotify("READY=1", log)
 	}
 	log.Info("shardgate proxy started", "listen", px.Addrs(), "admin", cfg.Admin, "event_loops", cfg.EventLoops, "shards", cfg.Shards, "backends", backendsDesc(cfg))
@@ -271,7 +302,7 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 	// whatever discovers proxies there stops sending devices while the
 	// connected ones finish; it runs once.
 	deregister := func() {}
-	if cfg.Register.Enabled {
+	if cfg.Register.Enabled && wk == nil {
 		registration, err := registerProxy(cfg, admin, log)
 		if err != nil {
 			stop()
@@ -324,11 +355,11 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 				// The connected devices stay until they end, or, with
 				// upgrade.handoff_delay, move to it at the drain pace
 				// after that delay.
+				// The private socket stays: the next generation
+				// reads this one's remaining devices through it.
+				handedOver.Store(true)
 				if admin != nil {
-					actx, acancel := context.WithTimeout(context.Background(), 2*time.Second)
-					_ = admin.Shutdown(actx)
-					acancel()
-					admin = nil
+					admin.CloseTCP()
 				}
 				deregister = func() {} // the registration is the next generation's now
 				if d := cfg.Upgrade.HandoffDelay.D(); d > 0 {

@@ -178,6 +178,13 @@ func TestE2EUpgradeHandover(t *testing.T) {
 	if code, _, err := e2eGet(old.admin, "/readyz"); err != nil || code != 200 {
 		t.Errorf("admin /readyz after the handover: %d, %v", code, err)
 	}
+	// ... and reports the devices the old generation still relays, read
+	// from its private admin socket.
+	e2eWaitFor(t, "the new generation reports the old one's devices", e2eWait, func() (bool, string) {
+		m := old.metrics(t)
+		v := m["shardgate_previous_generation_connections"]
+		return v == float64(len(held)) && m["shardgate_previous_generation_processes"] == 1, fmt.Sprint(v)
+	})
 	// The old generation exits once its last device leaves.
 	for _, h := range held {
 		h.c.Close()

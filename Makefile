@@ -103,8 +103,12 @@ bench-idle: build
 # a .c file; `make build` and `make test` use the committed output and need no
 # C toolchain. Needs clang, llvm and libbpf-dev (Debian: apt-get install -y
 # clang llvm libbpf-dev).
+# BPF_MULTIARCH is the Debian multiarch directory holding asm/types.h for
+# the build host (x86_64-linux-gnu, aarch64-linux-gnu, ...).
+BPF_MULTIARCH ?= $(shell gcc -print-multiarch 2>/dev/null || dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null)
+
 generate:
-	$(GO) generate ./ebpf/
+	BPF_MULTIARCH=$(BPF_MULTIARCH) $(GO) generate ./ebpf/
 
 clean:
 	rm -rf bin

@@ -11,4 +11,4 @@
 // build needs no C toolchain.
 package ebpf
 
-//go:generate go tool bpf2go -tags linux -target bpfel -type active_gen reuseport reuseport.c -- -O2 -g -Wall -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -tags linux -target bpfel -type active_gen reuseport reuseport.c -- -O2 -g -Wall -I/usr/include/$BPF_MULTIARCH

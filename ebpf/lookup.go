@@ -2,7 +2,7 @@
 
 package ebpf
 
-//go:generate go tool bpf2go -tags linux -target bpfel -type lookup_key lookup lookup.c -- -O2 -g -Wall -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -tags linux -target bpfel -type lookup_key lookup lookup.c -- -O2 -g -Wall -I/usr/include/$BPF_MULTIARCH
 
 import (
 	"errors"

@@ -226,7 +226,11 @@ func runSupervisor(cfg *proxy.Config, args []string, n int, log *slog.Logger, up
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	reg.MustRegister(s.restarts, &workersCollector{s: s})
+	reg.MustRegister(s.restarts, &workersCollector{s: s},
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "shardgate_worker_scrape_errors_total",
+			Help: "Scrapes of a worker's metrics that failed; its last counts were used.",
+		}, func() float64 { return float64(s.sum.Errors() + s.view.Errors()) }))
 	if s.steer != nil {
 		reg.MustRegister(ebpf.NewCollector(s.steer...))
 	}

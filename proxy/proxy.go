@@ -412,7 +412,7 @@ func (p *Proxy) insertWorker() string {
 }
 
 // publishLoad writes the worker's connection count for the steering
-// program until Shutdown.
+// program until the worker stops accepting (handover or shutdown).
 func (p *Proxy) publishLoad() {
 	defer close(p.loadDone)
 	t := time.NewTicker(loadPublishEvery)
@@ -422,6 +422,11 @@ func (p *Proxy) publishLoad() {
 		case <-p.loadStop:
 			return
 		case <-t.C:
+		}
+		if p.state.Load() != stateRunning {
+			// Handed over or stopping: the next generation's worker
+			// of the same index owns this count now.
+			return
 		}
 		n := p.Active()
 		for _, s := range p.steer {

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shardgate/shardgate/ebpf"
 	"github.com/shardgate/shardgate/internal/adminsock"
 )
 
@@ -288,6 +290,24 @@ func TestE2EWorkersUpgrade(t *testing.T) {
 	}
 	if alive := e2eAlive(held); alive != len(held) {
 		t.Errorf("%d of %d held devices dropped by the handover", len(held)-alive, len(held))
+	}
+	// The steering's per-worker counts are the new workers' alone: the
+	// old workers, which share their indexes, stopped writing theirs
+	// (they hold 300 devices the new ones do not).
+	st, err := ebpf.OpenSteering(ebpf.PinDirFor(pins, netip.MustParseAddrPort(old.mqtt)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	for range 10 {
+		loads, err := st.Loads(2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if loads[0] > 5 || loads[1] > 5 {
+			t.Fatalf("steering loads %v while the new workers hold no device: the old generation still writes its counts", loads)
+		}
+		time.Sleep(30 * time.Millisecond)
 	}
 	for _, h := range held {
 		h.c.Close()

@@ -304,7 +304,8 @@ func runSupervisor(cfg *proxy.Config, args []string, n int, log *slog.Logger, up
 		select {
 		case ex := <-s.exits:
 			s.mu.Lock()
-			if s.workers[ex.w.index] == ex.w {
+			serving := s.workers[ex.w.index] == ex.w
+			if serving {
 				s.workers[ex.w.index] = nil
 			}
 			s.mu.Unlock()
@@ -314,6 +315,11 @@ func runSupervisor(cfg *proxy.Config, args []string, n int, log *slog.Logger, up
 					log.Info("shardgate proxy stopped: every worker exited")
 					return nil
 				}
+				continue
+			}
+			if !serving {
+				// It died before it served: start reported that,
+				// and scheduled the next try.
 				continue
 			}
 			for _, st := range s.steer {

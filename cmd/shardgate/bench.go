@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,18 +22,37 @@ import (
 	"github.com/shardgate/shardgate/mqttwire"
 )
 
+// benchScenarios are the `shardgate bench` scenarios by name; each file
+// that adds one registers it in an init function.
+var benchScenarios = map[string]benchScenario{
+	"idle":        {benchIdle, "memory and file descriptors per idle connection through a proxy process"},
+	"propagation": {benchPropagation, "time from `consul maint` until N proxies route away"},
+}
+
+type benchScenario struct {
+	run  func(args []string) error
+	help string
+}
+
 func runBench(args []string) error {
+	names := make([]string, 0, len(benchScenarios))
+	for n := range benchScenarios {
+		names = append(names, n)
+	}
+	slices.Sort(names)
 	if len(args) < 1 {
-		return errors.New("usage: shardgate bench idle|propagation [flags]")
+		var b strings.Builder
+		b.WriteString("usage: shardgate bench <scenario> [flags]; scenarios:")
+		for _, n := range names {
+			fmt.Fprintf(&b, "\n  %-12s %s", n, benchScenarios[n].help)
+		}
+		return errors.New(b.String())
 	}
-	switch args[0] {
-	case "idle":
-		return benchIdle(args[1:])
-	case "propagation":
-		return benchPropagation(args[1:])
-	default:
-		return fmt.Errorf("unknown scenario %q (known: idle, propagation)", args[0])
+	sc, ok := benchScenarios[args[0]]
+	if !ok {
+		return fmt.Errorf("unknown scenario %q (known: %s)", args[0], strings.Join(names, ", "))
 	}
+	return sc.run(args[1:])
 }
 
 // benchIdle measures what an idle device costs the proxy: it starts

@@ -71,6 +71,17 @@ func (c *prevGenCollector) Collect(ch chan<- prometheus.Metric) {
 // previousGenerations sums the devices of the processes pids that still
 // answer on their admin socket.
 func previousGenerations(pids []int) (conns, procs int) {
+	for _, st := range fetchStatuses(pids) {
+		conns += st.Connections
+		procs++
+	}
+	return conns, procs
+}
+
+// fetchStatuses asks each process's private admin socket for its status,
+// concurrently; a process that does not answer (exited) is left out.
+func fetchStatuses(pids []int) map[int]adminsock.Status {
+	out := make(map[int]adminsock.Status, len(pids))
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	for _, pid := range pids {
@@ -79,14 +90,13 @@ func previousGenerations(pids []int) (conns, procs int) {
 			defer cancel()
 			st, err := adminsock.FetchStatus(ctx, pid)
 			if err != nil {
-				return // exited: it holds nothing
+				return
 			}
 			mu.Lock()
-			conns += st.Connections
-			procs++
+			out[pid] = st
 			mu.Unlock()
 		})
 	}
 	wg.Wait()
-	return conns, procs
+	return out
 }

@@ -547,26 +547,20 @@ func (s *supervisor) waitAll(d time.Duration) {
 	}
 }
 
-// statuses asks every live worker what it holds.
+// statuses asks every live worker what it holds, by worker index.
 func (s *supervisor) statuses() map[int]adminsock.Status {
 	ws := s.live()
-	out := make(map[int]adminsock.Status, len(ws))
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	for _, w := range ws {
-		wg.Go(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			defer cancel()
-			st, err := adminsock.FetchStatus(ctx, w.pid)
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			out[w.index] = st
-			mu.Unlock()
-		})
+	pids := make([]int, len(ws))
+	for i, w := range ws {
+		pids[i] = w.pid
 	}
-	wg.Wait()
+	byPID := fetchStatuses(pids)
+	out := make(map[int]adminsock.Status, len(ws))
+	for _, w := range ws {
+		if st, ok := byPID[w.pid]; ok {
+			out[w.index] = st
+		}
+	}
 	return out
 }
 

@@ -303,26 +303,13 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 	// connected ones finish; it runs once.
 	deregister := func() {}
 	if cfg.Register.Enabled && wk == nil {
-		registration, err := registerProxy(cfg, admin, log)
-		if err != nil {
+		if deregister, err = registerOnce(cfg, admin, log); err != nil {
 			stop()
 			px.Shutdown(canceled())
 			if admin != nil {
 				_ = admin.Shutdown(canceled())
 			}
 			return err
-		}
-		var once sync.Once
-		deregister = func() {
-			once.Do(func() {
-				dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				if err := registration.Deregister(dctx); err != nil {
-					log.Warn("consul deregistration failed", "err", err)
-				} else {
-					log.Info("deregistered from consul", "id", cfg.Register.ID)
-				}
-			})
 		}
 		defer func() { deregister() }() // the one current at return
 	}
@@ -451,6 +438,27 @@ func registerProxy(cfg *proxy.Config, admin *proxy.Admin, log *slog.Logger) (*he
 		Meta: map[string]string{"shards": strconv.Itoa(cfg.Shards), "contract": backend.ContractVersion},
 		Log:  log.With("consul_service", cfg.Register.ID),
 	})
+}
+
+// registerOnce registers the proxy (registerProxy) and returns the
+// function that deregisters it, once however often it is called.
+func registerOnce(cfg *proxy.Config, admin *proxy.Admin, log *slog.Logger) (func(), error) {
+	registration, err := registerProxy(cfg, admin, log)
+	if err != nil {
+		return nil, err
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := registration.Deregister(dctx); err != nil {
+				log.Warn("consul deregistration failed", "err", err)
+			} else {
+				log.Info("deregistered from consul", "id", cfg.Register.ID)
+			}
+		})
+	}, nil
 }
 
 func healthyCount(s *backend.Snapshot) int {

@@ -279,21 +279,10 @@ func runSupervisor(cfg *proxy.Config, args []string, n int, log *slog.Logger, up
 
 	deregister := func() {}
 	if cfg.Register.Enabled && admin != nil {
-		registration, err := registerProxy(cfg, admin, log)
-		if err != nil {
+		if deregister, err = registerOnce(cfg, admin, log); err != nil {
 			s.stopAll(syscall.SIGTERM)
 			s.waitAll(cfg.Shutdown.Grace.D() + 5*time.Second)
 			return err
-		}
-		var once sync.Once
-		deregister = func() {
-			once.Do(func() {
-				dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				if err := registration.Deregister(dctx); err != nil {
-					log.Warn("consul deregistration failed", "err", err)
-				}
-			})
 		}
 		defer func() { deregister() }()
 	}

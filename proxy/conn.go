@@ -165,7 +165,7 @@ func (l *loop) accept(fd int, sa unix.Sockaddr) {
 
 // peek reads from the device until its CONNECT is complete.
 func (l *loop) peek(c *conn) {
-	n, err := unix.Read(int(c.dev), l.buf)
+	n, err := sysRead(int(c.dev), l.buf)
 	switch {
 	case err == unix.EAGAIN || err == unix.EINTR:
 		return
@@ -360,7 +360,7 @@ func (l *loop) replay(c *conn) {
 // replayWrite continues the replay; a partial write waits for EPOLLOUT.
 func (l *loop) replayWrite(c *conn) {
 	hs := c.hs
-	n, err := unix.Write(int(c.bk), hs.peek[hs.off:])
+	n, err := sysWrite(int(c.bk), hs.peek[hs.off:])
 	if err != nil && err != unix.EAGAIN && err != unix.EINTR {
 		l.dialFailed(c, err)
 		return
@@ -467,7 +467,7 @@ func (l *loop) relayRead(c *conn, fromDev bool) {
 	if !fromDev {
 		src, dst = dst, src
 	}
-	n, err := unix.Read(int(src), l.buf)
+	n, err := sysRead(int(src), l.buf)
 	switch {
 	case err == unix.EAGAIN || err == unix.EINTR:
 		return
@@ -505,7 +505,7 @@ func (l *loop) relayRead(c *conn, fromDev bool) {
 		l.closeConn(c)
 		return
 	}
-	w, err := unix.Write(int(dst), b)
+	w, err := sysWrite(int(dst), b)
 	if err != nil && err != unix.EAGAIN && err != unix.EINTR {
 		l.closeConn(c)
 		return
@@ -534,7 +534,7 @@ func (l *loop) flush(c *conn, up bool) {
 	if p == nil {
 		return
 	}
-	n, err := unix.Write(int(dst), p.buf[p.off:p.end])
+	n, err := sysWrite(int(dst), p.buf[p.off:p.end])
 	if err != nil && err != unix.EAGAIN && err != unix.EINTR {
 		l.closeConn(c)
 		return
@@ -736,7 +736,7 @@ func (l *loop) refuse(c *conn, level byte, reason mqttwire.ReasonCode, metric st
 	var ack [8]byte
 	b := mqttwire.AppendConnack(ack[:0], level, false, reason)
 	// A CONNACK is 4 or 5 bytes: a fresh socket's send buffer takes it.
-	if _, err := unix.Write(int(c.dev), b); err != nil {
+	if _, err := sysWrite(int(c.dev), b); err != nil {
 		l.closeConn(c)
 		return
 	}
@@ -753,7 +753,7 @@ func (l *loop) refuse(c *conn, level byte, reason mqttwire.ReasonCode, metric st
 
 // linger discards what a refused device still sends until it closes.
 func (l *loop) linger(c *conn) {
-	n, err := unix.Read(int(c.dev), l.buf)
+	n, err := sysRead(int(c.dev), l.buf)
 	if err == unix.EAGAIN || err == unix.EINTR {
 		return
 	}

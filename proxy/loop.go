@@ -1,10 +1,14 @@
 package proxy
 
 import (
+	"errors"
 	"fmt"
+	"os"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -41,11 +45,19 @@ const (
 // connections they accepted. Everything in it is touched by its goroutine
 // only, except active (read by Proxy.Active) and the wake eventfd.
 type loop struct {
-	p     *Proxy
-	id    uint16
-	epfd  int
-	wake  int // eventfd: Shutdown writes it to get the loop's attention
-	spare int // an fd on /dev/null, given up to accept-and-close on EMFILE
+	p    *Proxy
+	id   uint16
+	epfd int
+	// poll is epfd registered with the Go runtime's network poller: the
+	// loop parks on it instead of blocking in epoll_wait (see wait).
+	poll     *os.File
+	pollRaw  syscall.RawConn
+	pollFn   func(uintptr) bool // l.pollOnce, bound once
+	nready   int                // what pollOnce found
+	pollErr  error
+	deadline time.Time // poll's read deadline as last set; zero: none
+	wake     int       // eventfd: Shutdown writes it to get the loop's attention
+	spare    int       // an fd on /dev/null, given up to accept-and-close on EMFILE
 
 	listeners []listener
 	ready     []bool // listeners reported readable in this batch
@@ -108,6 +120,18 @@ func newLoop(p *Proxy, id int) (*loop, error) {
 	if l.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
 		return nil, fmt.Errorf("event loop %d: epoll_create: %w", id, err)
 	}
+	// A nonblocking epoll fd can be registered with the runtime's own
+	// epoll set; it reads ready while it has events to report.
+	if err := unix.SetNonblock(l.epfd, true); err != nil {
+		l.closeFDs()
+		return nil, fmt.Errorf("event loop %d: epoll fd nonblocking: %w", id, err)
+	}
+	l.poll = os.NewFile(uintptr(l.epfd), "epoll")
+	if l.pollRaw, err = l.poll.SyscallConn(); err != nil {
+		l.closeFDs()
+		return nil, fmt.Errorf("event loop %d: epoll fd: %w", id, err)
+	}
+	l.pollFn = l.pollOnce
 	if l.wake, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC); err != nil {
 		l.wake = -1
 		l.closeFDs()
@@ -143,6 +167,10 @@ func (l *loop) addListener(ln listener) error {
 // eventfd, which the Proxy closes once the loop has exited.
 func (l *loop) closeFDs() {
 	l.closeListeners()
+	if l.poll != nil {
+		l.poll.Close() // closes epfd
+		l.poll, l.epfd = nil, -1
+	}
 	for _, fd := range []*int{&l.epfd, &l.spare} {
 		if *fd >= 0 {
 			unix.Close(*fd)
@@ -178,7 +206,7 @@ func (l *loop) run() {
 	defer l.closeFDs()
 	stopping := false
 	for {
-		n, err := unix.EpollWait(l.epfd, l.events, l.timeout())
+		n, err := l.wait()
 		if err != nil && err != unix.EINTR {
 			l.p.log.Error("event loop stopped", "loop", l.id, "err", err)
 			l.closeAll()
@@ -245,21 +273,83 @@ func (l *loop) run() {
 	}
 }
 
-// timeout is the epoll_wait timeout: until the next tick while timers are
-// armed or counters wait to be flushed, else forever (the wake eventfd
-// interrupts it).
-func (l *loop) timeout() int {
-	if l.drainMore {
-		return 0
+// wait returns the next batch of events. It asks epoll without blocking
+// and, when nothing is ready, parks the goroutine on the epoll fd in the
+// runtime's network poller until it is readable or the next tick is due.
+// A loop blocked in epoll_wait itself would be a goroutine in a blocking
+// system call: the runtime's monitor thread then wakes every 20 µs to take
+// its P away, and the loop pays to get one back on each return; parked, it
+// costs the runtime what any idle network connection does.
+func (l *loop) wait() (int, error) {
+	n, err := epollWaitNow(l.epfd, l.events)
+	if n > 0 || (err != nil && err != unix.EINTR) || l.drainMore {
+		return n, err
 	}
-	if l.wheel.n == 0 && !l.dirty() && l.paused == 0 {
-		return -1
+	var due time.Time // zero: no deadline, the wake eventfd interrupts
+	if l.wheel.n != 0 || l.dirty() || l.paused != 0 {
+		due = l.start.Add(time.Duration(l.wheel.cur) * tickDuration)
 	}
-	d := time.Duration(l.wheel.cur)*tickDuration - time.Since(l.start)
-	if d <= 0 {
-		return 0
+	if due != l.deadline {
+		if err := l.poll.SetReadDeadline(due); err != nil {
+			return 0, err
+		}
+		l.deadline = due
 	}
-	return int((d + time.Millisecond - 1) / time.Millisecond)
+	l.nready, l.pollErr = 0, nil
+	if err := l.pollRaw.Read(l.pollFn); err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return 0, nil
+		}
+		return 0, err
+	}
+	return l.nready, l.pollErr
+}
+
+// pollOnce is the body of wait's park: done once epoll has events or fails.
+func (l *loop) pollOnce(uintptr) bool {
+	l.nready, l.pollErr = epollWaitNow(l.epfd, l.events)
+	return l.nready > 0 || (l.pollErr != nil && l.pollErr != unix.EINTR)
+}
+
+// sysRead and sysWrite are read(2) and write(2) on the loop's nonblocking
+// sockets. Such a call never sleeps, so it skips the runtime's bookkeeping
+// for one that might (entersyscall/exitsyscall): with it, a write that does
+// the loopback receiver's TCP work in its own context could outlast 20 µs and
+// have the runtime's monitor thread hand the loop's P to another thread.
+func sysRead(fd int, b []byte) (int, error) {
+	var p unsafe.Pointer
+	if len(b) > 0 {
+		p = unsafe.Pointer(&b[0])
+	}
+	r, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(p), uintptr(len(b)))
+	if e != 0 {
+		return -1, e
+	}
+	return int(r), nil
+}
+
+func sysWrite(fd int, b []byte) (int, error) {
+	var p unsafe.Pointer
+	if len(b) > 0 {
+		p = unsafe.Pointer(&b[0])
+	}
+	r, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(p), uintptr(len(b)))
+	if e != 0 {
+		return -1, e
+	}
+	return int(r), nil
+}
+
+// epollWaitNow is epoll_wait with a zero timeout. It never blocks, so it
+// goes without the runtime's entry and exit bookkeeping of a system call
+// that might.
+func epollWaitNow(epfd int, events []unix.EpollEvent) (int, error) {
+	r, _, e := unix.RawSyscall6(unix.SYS_EPOLL_WAIT, uintptr(epfd),
+		uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), 0, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
 }
 
 // dispatch routes an event on a connection fd to its stage.

@@ -1,0 +1,385 @@
+package main
+
+import (
+	"fmt"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/shardgate/shardgate/mqttwire"
+)
+
+// cmpMetrics are one run's figures of one target, by name.
+type cmpMetrics map[string]float64
+
+// cmpFigure is one measurement of `bench compare`.
+type cmpFigure struct {
+	key, name string
+	// proxyOnly figures have nothing to measure without a proxy.
+	proxyOnly bool
+	run       func(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMetrics, error)
+}
+
+var compareFigures = []cmpFigure{
+	{key: "connect", name: "connect CPU", run: figConnectCPU},
+	{key: "messages", name: "message CPU", run: figMessageCPU},
+	{key: "idle", name: "idle memory", proxyOnly: true, run: figIdleMemory},
+	{key: "latency", name: "ping-pong latency", run: figLatency},
+	{key: "storm", name: "connect storm", run: figStorm},
+}
+
+// figConnectCPU: devices do CONNECT→CONNACK→DISCONNECT, a few in flight;
+// the proxy's and the brokers' CPU per 1000 connects.
+func figConnectCPU(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMetrics, error) {
+	pids := e.brokerPids()
+	p0, b0, err := cpuPair(t.pid, pids)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	failed, first := forEach(cfg.connects, cfg.connectInflight, func(i int) error {
+		id := fmt.Sprintf("cmp-c%d-%s-%d", run, t.name, i)
+		c, err := cmpConnect(e.addr(t, id), id)
+		if err != nil {
+			return err
+		}
+		c.disconnect()
+		return nil
+	})
+	elapsed := time.Since(start)
+	if failed > cfg.connects/100 {
+		return nil, fmt.Errorf("%d of %d connects failed: %w", failed, cfg.connects, first)
+	}
+	// The CPU of the closes counts too: wait until the proxy has done them.
+	if err := e.quiesce(t); err != nil {
+		return nil, err
+	}
+	p1, b1, err := cpuPair(t.pid, pids)
+	if err != nil {
+		return nil, err
+	}
+	ok := float64(cfg.connects - failed)
+	m := cmpMetrics{
+		"broker_ms": ms(b1-b0) * 1000 / ok,
+		"rate":      ok / elapsed.Seconds(),
+		"failed":    float64(failed),
+	}
+	if t.pid != 0 {
+		m["proxy_ms"] = ms(p1-p0) * 1000 / ok
+	}
+	return m, nil
+}
+
+// figMessageCPU: devices each publish on their own topic and are
+// subscribed to it, all through the target, paced to a fixed total rate;
+// CPU per 100k messages, and the messages counted as they come back. A
+// message crosses the proxy twice, in and out, as between a publisher and a
+// subscriber; one device is both because brokers are shards that share no
+// messages, and HAProxy's hash decides which broker a device lands on.
+func figMessageCPU(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMetrics, error) {
+	n := cfg.msgPublishers
+	pubs := make([]*cmpConn, n)
+	defer func() {
+		for _, c := range pubs {
+			if c != nil {
+				c.disconnect()
+			}
+		}
+	}()
+	topic := func(i int) string { return fmt.Sprintf("cmp/m%d/%s/%d", run, t.name, i) }
+	if _, err := forEach(n, 16, func(i int) error {
+		id := fmt.Sprintf("cmp-m%d-%s-%d", run, t.name, i)
+		c, err := cmpConnect(e.addr(t, id), id)
+		if err != nil {
+			return err
+		}
+		pubs[i] = c
+		return c.subscribe(topic(i))
+	}); err != nil {
+		return nil, fmt.Errorf("devices: %w", err)
+	}
+
+	var received atomic.Int64
+	for _, c := range pubs {
+		go countPublishes(c, &received)
+	}
+	pids := e.brokerPids()
+	p0, b0, err := cpuPair(t.pid, pids)
+	if err != nil {
+		return nil, err
+	}
+	perPub := int(float64(cfg.msgRate) * cfg.msgTime.Seconds() / float64(n))
+	interval := time.Duration(float64(time.Second) * float64(n) / float64(cfg.msgRate))
+	var sent atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	errs := make(chan error, n)
+	for i, c := range pubs {
+		wg.Add(1)
+		// Publishers are staggered over one interval so the total rate is
+		// even, not bursts of n messages.
+		go func() {
+			defer wg.Done()
+			errs <- publishPaced(c, topic(i), perPub, start.Add(interval*time.Duration(i)/time.Duration(n)), interval, &sent)
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			return nil, fmt.Errorf("publish: %w", err)
+		}
+	}
+	total := sent.Load()
+	for deadline := time.Now().Add(10 * time.Second); received.Load() < total && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	p1, b1, err := cpuPair(t.pid, pids)
+	if err != nil {
+		return nil, err
+	}
+	got := received.Load()
+	if got < total*99/100 {
+		return nil, fmt.Errorf("%d of %d messages arrived", got, total)
+	}
+	m := cmpMetrics{
+		"broker_s":  ms(b1-b0) / 1000 * 100000 / float64(total),
+		"rate":      float64(total) / elapsed.Seconds(),
+		"delivered": 100 * float64(got) / float64(total),
+	}
+	if t.pid != 0 {
+		m["proxy_s"] = ms(p1-p0) / 1000 * 100000 / float64(total)
+	}
+	return m, nil
+}
+
+// publishPaced publishes count messages on topic, message k due at
+// first + k×interval; a late publisher catches up at once, so the total
+// stays at the rate.
+func publishPaced(c *cmpConn, topic string, count int, first time.Time, interval time.Duration, sent *atomic.Int64) error {
+	payload := make([]byte, 64)
+	var pkt []byte
+	for k := range count {
+		if d := time.Until(first.Add(interval * time.Duration(k))); d > 0 {
+			time.Sleep(d)
+		}
+		copy(payload, strconv.Itoa(k))
+		pkt = appendPublish(pkt[:0], topic, payload)
+		_ = c.SetWriteDeadline(time.Now().Add(cmpIOTimeout))
+		if _, err := c.Write(pkt); err != nil {
+			return err
+		}
+		sent.Add(1)
+	}
+	return nil
+}
+
+func countPublishes(c *cmpConn, n *atomic.Int64) {
+	var buf []byte
+	for {
+		typ, body, err := c.readPacket(buf)
+		if err != nil {
+			return
+		}
+		buf = body[:0]
+		if typ == mqttwire.PUBLISH {
+			n.Add(1)
+		}
+	}
+}
+
+// figIdleMemory holds idle devices in steps and reads the proxy's RSS and
+// fds at each (after a GC for shardgate); per connection is the slope
+// against the first step. Each run measures a newly started proxy, as a
+// device fleet meets it after a restart.
+func figIdleMemory(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMetrics, error) {
+	t, stop, err := e.fresh(t)
+	if err != nil {
+		return nil, err
+	}
+	defer stop()
+	var held []*cmpConn
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	m := cmpMetrics{}
+	var rss0, anon0 int64
+	var fds0 int
+	for si, n := range cfg.idleSteps {
+		if more := n - len(held); more > 0 {
+			conns := make([]*cmpConn, more)
+			base := len(held)
+			_, err := forEach(more, cfg.idleParallel, func(i int) error {
+				id := fmt.Sprintf("cmp-i%d-%s-%d", run, t.name, base+i)
+				c, err := cmpConnect(e.addr(t, id), id)
+				conns[i] = c
+				return err
+			})
+			for _, c := range conns {
+				if c != nil {
+					held = append(held, c)
+				}
+			}
+			if err != nil {
+				return nil, fmt.Errorf("at %d idle devices: %w", len(held), err)
+			}
+		}
+		if t.admin != "" {
+			if err := forceGC(t.admin); err != nil {
+				return nil, err
+			}
+		}
+		time.Sleep(cfg.settle)
+		rss, anon, err := procMem(t.pid)
+		if err != nil {
+			return nil, err
+		}
+		fds, err := procFds(t.pid)
+		if err != nil {
+			return nil, err
+		}
+		k := strconv.Itoa(n)
+		m["rss_kib@"+k] = float64(rss) / 1024
+		m["fds@"+k] = float64(fds)
+		if si == 0 {
+			rss0, anon0, fds0 = rss, anon, fds
+			continue
+		}
+		d := float64(n - cfg.idleSteps[0])
+		m["rss@"+k] = float64(rss-rss0) / d
+		m["anon@"+k] = float64(anon-anon0) / d
+		m["fdsper@"+k] = float64(fds-fds0) / d
+	}
+	return m, nil
+}
+
+// figLatency: devices each publish to their own topic and wait for the
+// message to come back through the same target, paced to a light total
+// rate; percentiles of the round trip.
+func figLatency(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMetrics, error) {
+	k := cfg.pingDevices
+	interval := time.Duration(float64(time.Second) * float64(k) / float64(cfg.pingRate))
+	count := int(cfg.pingTime / interval)
+	var mu sync.Mutex
+	var samples []time.Duration
+	_, err := forEach(k, k, func(i int) error {
+		id := fmt.Sprintf("cmp-l%d-%s-%d", run, t.name, i)
+		c, err := cmpConnect(e.addr(t, id), id)
+		if err != nil {
+			return err
+		}
+		defer c.disconnect()
+		topic := "cmp/l/" + id
+		if err := c.subscribe(topic); err != nil {
+			return err
+		}
+		rtts, err := pingPong(c, topic, count, time.Now().Add(interval*time.Duration(i)/time.Duration(k)), interval)
+		mu.Lock()
+		samples = append(samples, rtts...)
+		mu.Unlock()
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	sortDurations(samples)
+	return cmpMetrics{
+		"p50":     ms(percentile(samples, 50)),
+		"p90":     ms(percentile(samples, 90)),
+		"p99":     ms(percentile(samples, 99)),
+		"p999":    ms(percentile(samples, 99.9)),
+		"samples": float64(len(samples)),
+	}, nil
+}
+
+func pingPong(c *cmpConn, topic string, count int, first time.Time, interval time.Duration) ([]time.Duration, error) {
+	out := make([]time.Duration, 0, count)
+	var pkt, buf []byte
+	payload := make([]byte, 32)
+	for k := range count {
+		if d := time.Until(first.Add(interval * time.Duration(k))); d > 0 {
+			time.Sleep(d)
+		}
+		seq := strconv.Itoa(k)
+		copy(payload, seq)
+		pkt = appendPublish(pkt[:0], topic, payload)
+		_ = c.SetDeadline(time.Now().Add(cmpIOTimeout))
+		sentAt := time.Now()
+		if _, err := c.Write(pkt); err != nil {
+			return out, err
+		}
+		for {
+			typ, body, err := c.readPacket(buf)
+			if err != nil {
+				return out, fmt.Errorf("ping %d: %w", k, err)
+			}
+			buf = body[:0]
+			if p := publishPayload(body); typ == mqttwire.PUBLISH && len(p) >= len(seq) && string(p[:len(seq)]) == seq && (len(p) == len(seq) || p[len(seq)] == 0) {
+				out = append(out, time.Since(sentAt))
+				break
+			}
+		}
+	}
+	return out, nil
+}
+
+// figStorm: devices connect at once, many in flight, and stay; the time
+// from dial to CONNACK of each.
+func figStorm(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMetrics, error) {
+	conns := make([]*cmpConn, cfg.storm)
+	lat := make([]time.Duration, cfg.storm)
+	defer func() {
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+	}()
+	start := time.Now()
+	failed, first := forEach(cfg.storm, cfg.stormInflight, func(i int) error {
+		id := fmt.Sprintf("cmp-s%d-%s-%d", run, t.name, i)
+		t0 := time.Now()
+		c, err := cmpConnect(e.addr(t, id), id)
+		if err != nil {
+			return err
+		}
+		lat[i], conns[i] = time.Since(t0), c
+		return nil
+	})
+	total := time.Since(start)
+	if failed > cfg.storm/100 {
+		return nil, fmt.Errorf("%d of %d devices failed to connect: %w", failed, cfg.storm, first)
+	}
+	ok := lat[:0:0]
+	for i, c := range conns {
+		if c != nil {
+			ok = append(ok, lat[i])
+		}
+	}
+	sortDurations(ok)
+	return cmpMetrics{
+		"p50":     ms(percentile(ok, 50)),
+		"p99":     ms(percentile(ok, 99)),
+		"max":     ms(slices.Max(ok)),
+		"total_s": total.Seconds(),
+		"failed":  float64(failed),
+	}, nil
+}
+
+// cpuPair reads the proxy's CPU (0 without a proxy) and the brokers' sum.
+func cpuPair(pid int, brokers []int) (proxy, broker time.Duration, err error) {
+	if pid != 0 {
+		if proxy, err = procCPU(pid); err != nil {
+			return 0, 0, err
+		}
+	}
+	broker, err = cpuOf(brokers)
+	return proxy, broker, err
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -260,7 +260,9 @@ func (d *Device) Close() error {
 	}
 	close(d.closeCh)
 	err := d.write(mqttwire.AppendDisconnect(nil, d.level, mqttwire.Success))
-	if cerr := d.conn.Close(); err == nil {
+	// The broker may close first on DISCONNECT, and the reader then closes
+	// the socket: already closed is a clean end.
+	if cerr := d.conn.Close(); err == nil && !errors.Is(cerr, net.ErrClosed) {
 		err = cerr
 	}
 	<-d.done

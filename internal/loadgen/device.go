@@ -40,8 +40,9 @@ type DeviceOptions struct {
 	// needs no goroutine of its own per device. It must not block.
 	OnMessage func(Message)
 	// OnLost, when set, is called once (on the reader goroutine) when the
-	// connection ends without Close.
-	OnLost func()
+	// connection ends without Close, with what ended it (io.EOF: the peer
+	// closed).
+	OnLost func(error)
 }
 
 func (o DeviceOptions) level() byte {
@@ -90,7 +91,7 @@ type Device struct {
 	timeout   time.Duration
 	keepAlive time.Duration
 	onMessage func(Message)
-	onLost    func()
+	onLost    func(error)
 
 	wmu sync.Mutex // serializes writes of whole packets
 
@@ -361,10 +362,9 @@ func (d *Device) readLoop() {
 	if !d.closing.Load() {
 		close(d.lost)
 		if d.onLost != nil {
-			d.onLost()
+			d.onLost(err)
 		}
 	}
-	_ = err
 	d.conn.Close()
 }
 

@@ -103,8 +103,8 @@ func TestRefused(t *testing.T) {
 // broker dies, and not for one the test closed.
 func TestLostOnBrokerKill(t *testing.T) {
 	m := servertest.Mosquitto(t, servertest.MosquittoOptions{})
-	onLost := make(chan struct{}, 1)
-	live := mustConnect(t, m.String(), DeviceOptions{ClientID: "live", OnLost: func() { onLost <- struct{}{} }})
+	onLost := make(chan error, 1)
+	live := mustConnect(t, m.String(), DeviceOptions{ClientID: "live", OnLost: func(err error) { onLost <- err }})
 	closed := mustConnect(t, m.String(), DeviceOptions{ClientID: "closed"})
 	if err := closed.Close(); err != nil {
 		t.Fatal(err)
@@ -116,7 +116,10 @@ func TestLostOnBrokerKill(t *testing.T) {
 		t.Fatal("Lost not closed after the broker was killed")
 	}
 	select {
-	case <-onLost:
+	case err := <-onLost:
+		if err == nil {
+			t.Fatal("OnLost without the reason")
+		}
 	case <-time.After(time.Second):
 		t.Fatal("OnLost not called")
 	}

@@ -212,9 +212,13 @@ func containsString(ss []string, s string) bool {
 }
 
 func (r *run) options(i int) DeviceOptions {
+	id := r.j.Prefix + strconv.Itoa(i)
 	o := DeviceOptions{
-		Level: r.j.Level, ClientID: r.j.Prefix + strconv.Itoa(i), KeepAlive: r.j.KeepAlive, Clean: true,
-		OnLost: func() { r.lost.Add(1) },
+		Level: r.j.Level, ClientID: id, KeepAlive: r.j.KeepAlive, Clean: true,
+		OnLost: func(err error) {
+			r.lost.Add(1)
+			r.errorf("%s lost %s after the start: %v", id, time.Since(r.start).Round(time.Millisecond), err)
+		},
 	}
 	if len(r.locals) > 0 {
 		o.Local = r.locals[i%len(r.locals)]

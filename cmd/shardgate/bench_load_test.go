@@ -1,13 +1,16 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/shardgate/shardgate/internal/loadgen"
 	"github.com/shardgate/shardgate/internal/servertest"
 )
 
@@ -115,4 +118,54 @@ func TestBenchHoldFailsWhenDevicesMissing(t *testing.T) {
 	if err == nil || !strings.Contains(string(out), "0 of 5 devices connected") {
 		t.Fatalf("err %v, output:\n%s", err, out)
 	}
+}
+
+// TestRunAgentsInterrupted: cancelling RunAgents interrupts its agents,
+// which close their devices and still report what they held.
+func TestRunAgentsInterrupted(t *testing.T) {
+	bin := buildShardgate(t)
+	px := startLoadProxy(t, bin, "")
+	jobs := []loadgen.Job{
+		{Kind: loadgen.KindHold, Target: px.mqtt, Prefix: "intr-", First: 0, Count: 50, KeepAlive: 5, Duration: loadgen.Duration(time.Hour)},
+		{Kind: loadgen.KindHold, Target: px.mqtt, Prefix: "intr-", First: 50, Count: 50, KeepAlive: 5, Duration: loadgen.Duration(time.Hour)},
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	type result struct {
+		reports []loadgen.Report
+		err     error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rs, err := loadgen.RunAgents(ctx, bin, jobs)
+		done <- result{rs, err}
+	}()
+	e2eWaitFor(t, "100 devices through the proxy", e2eWait, func() (bool, string) {
+		ok := px.metrics(t)[`shardgate_connects_total{result="ok"}`]
+		return ok == 100, fmt.Sprint(ok)
+	})
+	cancel()
+	var res result
+	select {
+	case res = <-done:
+	case <-time.After(loadgen.AgentStopGrace):
+		t.Fatal("RunAgents did not return after the cancel")
+	}
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	for i, r := range res.reports {
+		if r.Kind != loadgen.KindHold || r.Devices != 50 || r.Connected != 50 || r.Lost != 0 {
+			t.Fatalf("agent %d: %+v", i, r)
+		}
+	}
+	e2eWaitFor(t, "the agents' devices disconnected", e2eWait, func() (bool, string) {
+		var active float64
+		for k, v := range px.metrics(t) {
+			if strings.HasPrefix(k, "shardgate_connections_active") {
+				active += v
+			}
+		}
+		return active == 0, fmt.Sprint(active)
+	})
 }

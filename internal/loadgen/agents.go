@@ -10,15 +10,22 @@ import (
 	"os"
 	"os/exec"
 	"sync"
+	"time"
 )
+
+// AgentStopGrace is how long RunAgents waits for an interrupted agent to
+// close its devices and report before killing it.
+const AgentStopGrace = 30 * time.Second
 
 // RunAgents runs each job in its own child process, `exe bench agent`,
 // which reads the Job as JSON on stdin and writes its Report as JSON on
 // stdout: one process holds at most ~19000 sockets here, so a fleet of
 // 100k devices needs several. The children die with this process
-// (Pdeathsig) and are killed when ctx ends. Their stderr goes to ours.
-// Reports come back in the order of jobs; an agent that failed leaves its
-// report zero and adds to the error.
+// (Pdeathsig). When ctx ends, each agent gets SIGINT, ends its job early
+// (closing its devices) and still reports; one that has not exited
+// AgentStopGrace later is killed. Their stderr goes to ours. Reports come
+// back in the order of jobs; an agent that failed leaves its report zero
+// and adds to the error.
 func RunAgents(ctx context.Context, exe string, jobs []Job) ([]Report, error) {
 	reports := make([]Report, len(jobs))
 	errs := make([]error, len(jobs))
@@ -34,6 +41,8 @@ func RunAgents(ctx context.Context, exe string, jobs []Job) ([]Report, error) {
 		cmd.Stdout = &out
 		cmd.Stderr = os.Stderr
 		cmd.SysProcAttr = agentSysProcAttr()
+		cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
+		cmd.WaitDelay = AgentStopGrace
 		if err := cmd.Start(); err != nil {
 			errs[i] = fmt.Errorf("agent %d: %w", i, err)
 			continue
@@ -41,12 +50,15 @@ func RunAgents(ctx context.Context, exe string, jobs []Job) ([]Report, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := cmd.Wait(); err != nil {
-				errs[i] = fmt.Errorf("agent %d (pid %d): %w", i, cmd.Process.Pid, err)
+			werr := cmd.Wait()
+			// After a cancel, Wait reports the context's error even for
+			// an agent that stopped cleanly: its report decides.
+			if werr != nil && ctx.Err() == nil {
+				errs[i] = fmt.Errorf("agent %d (pid %d): %w", i, cmd.Process.Pid, werr)
 				return
 			}
 			if err := json.Unmarshal(out.Bytes(), &reports[i]); err != nil {
-				errs[i] = fmt.Errorf("agent %d (pid %d): report: %w", i, cmd.Process.Pid, err)
+				errs[i] = fmt.Errorf("agent %d (pid %d): report: %w", i, cmd.Process.Pid, errors.Join(err, werr))
 			}
 		}()
 	}

@@ -140,14 +140,13 @@ func ticksFor(d time.Duration) uint32 {
 // ---- accept --------------------------------------------------------------
 
 // accept takes a new device socket into the peek stage.
-func (l *loop) accept(fd int, sa unix.Sockaddr) {
+func (l *loop) accept(fd int, src netip.AddrPort) {
 	if fd >= len(l.p.table) {
 		// Cannot happen while RLIMIT_NOFILE is what it was at New.
-		unix.Close(fd)
+		sysClose(fd)
 		l.p.metrics.AcceptsShed.Inc()
 		return
 	}
-	src := addrPortOf(sa)
 	c := &conn{dev: int32(fd), bk: -1, owner: l.id, state: stPeek, src: src.Addr()}
 	c.hs = l.newHandshake()
 	c.hs.accepted, c.hs.srcPort = time.Now(), src.Port()
@@ -157,8 +156,10 @@ func (l *loop) accept(fd int, sa unix.Sockaddr) {
 		return
 	}
 	// One deadline for the whole CONNECT, from accept: a device dribbling
-	// a byte at a time cannot hold the slot longer.
-	l.wheel.add(&c.timer, l.now+l.p.set.connectTicks)
+	// a byte at a time cannot hold the slot longer. Counted from the end
+	// of the current tick, as idleDue does: counted from l.now, which
+	// began up to a tick ago, the device was cut up to a tick early.
+	l.wheel.add(&c.timer, l.now+1+l.p.set.connectTicks)
 }
 
 // ---- peek ----------------------------------------------------------------
@@ -292,7 +293,7 @@ func (l *loop) dial(c *conn) {
 	hs.dialed = time.Now()
 	fd, inProgress, err := l.p.dialer.Start(hs.inst.Addr)
 	if err == nil && fd >= len(l.p.table) {
-		unix.Close(fd)
+		sysClose(fd)
 		err = unix.EMFILE
 	}
 	if err != nil {
@@ -302,23 +303,32 @@ func (l *loop) dial(c *conn) {
 	c.bk = int32(fd)
 	l.p.table[fd].Store(c)
 	c.state = stDial
-	// The device is not watched while dialling: what it sends waits in its
-	// socket buffer and a hang-up is seen once the relay starts.
-	if !l.setInterest(c, true, 0) {
-		return
-	}
-	l.wheel.reset(&c.timer, l.now+l.p.set.dialTicks)
+	// The device is not read while dialling: what it sends waits in its
+	// socket buffer and a hang-up is seen once the relay starts. It stays
+	// in the epoll set, though: nearly every device sends nothing more
+	// before its CONNACK, and taking it out and back would cost two
+	// epoll_ctl calls per connect. One that does speak is taken out then
+	// (dispatch).
+	// From the end of the current tick, like the CONNECT deadline.
+	l.wheel.reset(&c.timer, l.now+1+l.p.set.dialTicks)
 	if !inProgress {
-		l.dialDone(c)
+		l.dialDone(c, unix.EPOLLOUT)
 		return
 	}
 	l.setInterest(c, false, evOut)
 }
 
-// dialDone runs when the broker socket became writable or failed. EPOLLOUT
-// alone is not success: SO_ERROR says.
-func (l *loop) dialDone(c *conn) {
-	if err := Finish(int(c.bk)); err != nil {
+// dialDone runs when the broker socket became writable or failed. A failed
+// connect sets the socket's error, which epoll reports as EPOLLERR (with
+// EPOLLHUP once the socket is closed), so EPOLLOUT alone is success and
+// SO_ERROR is read only to name a failure; a failure after the wakeup
+// surfaces in the replay's write.
+func (l *loop) dialDone(c *conn, ev uint32) {
+	if ev&(unix.EPOLLERR|unix.EPOLLHUP) != 0 {
+		err := Finish(int(c.bk))
+		if err == nil {
+			err = unix.ECONNRESET // hung up without an error: not connected
+		}
 		l.dialFailed(c, err)
 		return
 	}
@@ -446,7 +456,7 @@ func (l *loop) relay(c *conn, isDev bool, ev uint32) {
 		}
 	}
 	if mask&evIn != 0 && (wake || ev&unix.EPOLLIN != 0) {
-		l.relayRead(c, isDev)
+		l.relayRead(c, isDev, ev&unix.EPOLLRDHUP != 0)
 		if c.state != stRelay {
 			return
 		}
@@ -461,8 +471,11 @@ func (l *loop) relay(c *conn, isDev bool, ev uint32) {
 // relayRead reads once from one side into the loop's buffer and writes it to
 // the other side. What the destination cannot take is copied to a lent
 // buffer and the source is paused until it is flushed (backpressure: at most
-// one buffer per direction).
-func (l *loop) relayRead(c *conn, fromDev bool) {
+// one buffer per direction). rdhup says epoll saw the source's FIN before
+// the read: a read that then leaves room in the buffer has taken every byte
+// before the FIN, so the FIN is handled now instead of by one more read
+// that would return 0.
+func (l *loop) relayRead(c *conn, fromDev bool, rdhup bool) {
 	src, dst := c.dev, c.bk
 	if !fromDev {
 		src, dst = dst, src
@@ -511,15 +524,19 @@ func (l *loop) relayRead(c *conn, fromDev bool) {
 		return
 	}
 	w = max(w, 0)
-	if w == n {
-		return
+	if w < n {
+		p := l.lend()
+		p.end = copy(p.buf, b[w:])
+		if fromDev {
+			c.up = p
+		} else {
+			c.down = p
+		}
 	}
-	p := l.lend()
-	p.end = copy(p.buf, b[w:])
-	if fromDev {
-		c.up = p
-	} else {
-		c.down = p
+	// A connection being drained cut b at a packet boundary and reads
+	// its FIN the usual way.
+	if rdhup && n < len(l.buf) && c.flags&fDrain == 0 {
+		l.relayEOF(c, fromDev)
 	}
 }
 
@@ -575,15 +592,22 @@ func (l *loop) relayEOF(c *conn, fromDev bool) {
 }
 
 // passFIN half-closes the destination of one direction; when both directions
-// are done the connection is closed.
+// are done the connection is closed. The last FIN is sent by the close
+// itself, without a shutdown: both peers' FINs have been read then, so
+// nothing unread is left to turn the close into a reset.
 func (l *loop) passFIN(c *conn, up bool) {
-	dst, flag := c.dev, fDownShut
+	dst, flag, other := c.dev, fDownShut, fUpShut
 	if up {
-		dst, flag = c.bk, fUpShut
+		dst, flag, other = c.bk, fUpShut, fDownShut
+	}
+	if c.flags&other != 0 {
+		c.flags |= flag
+		l.closeConn(c)
+		return
 	}
 	if c.flags&flag == 0 {
 		c.flags |= flag
-		if err := unix.Shutdown(int(dst), unix.SHUT_WR); err != nil {
+		if err := sysShutdown(int(dst), unix.SHUT_WR); err != nil {
 			l.closeConn(c)
 			return
 		}
@@ -740,7 +764,7 @@ func (l *loop) refuse(c *conn, level byte, reason mqttwire.ReasonCode, metric st
 		l.closeConn(c)
 		return
 	}
-	if err := unix.Shutdown(int(c.dev), unix.SHUT_WR); err != nil {
+	if err := sysShutdown(int(c.dev), unix.SHUT_WR); err != nil {
 		l.closeConn(c)
 		return
 	}
@@ -842,8 +866,10 @@ func (l *loop) releaseAdmission(c *conn) {
 	}
 }
 
-// dropFD removes one of the connection's fds from epoll and the table and
-// queues it for close.
+// dropFD removes one of the connection's fds from the table and queues it
+// for close. The close takes it out of the epoll set (the proxy holds no
+// other descriptor of its socket), which spares an EPOLL_CTL_DEL per fd;
+// events of the current batch are dropped by the table lookup in dispatch.
 func (l *loop) dropFD(c *conn, dev bool) {
 	fd := c.bk
 	if dev {
@@ -851,9 +877,6 @@ func (l *loop) dropFD(c *conn, dev bool) {
 	}
 	if fd < 0 {
 		return
-	}
-	if (dev && c.devEv != 0) || (!dev && c.bkEv != 0) {
-		unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, int(fd), nil)
 	}
 	if dev {
 		c.devEv = 0
@@ -885,12 +908,14 @@ func (l *loop) setInterest(c *conn, dev bool, want uint8) bool {
 	}
 	ev := unix.EpollEvent{Fd: fd}
 	if want&evIn != 0 {
-		ev.Events |= unix.EPOLLIN
+		// EPOLLRDHUP: a FIN that comes with the last bytes is known
+		// without a second read (relayRead).
+		ev.Events |= unix.EPOLLIN | unix.EPOLLRDHUP
 	}
 	if want&evOut != 0 {
 		ev.Events |= unix.EPOLLOUT
 	}
-	if err := unix.EpollCtl(l.epfd, op, int(fd), &ev); err != nil {
+	if err := sysEpollCtl(l.epfd, op, int(fd), &ev); err != nil {
 		l.p.log.Error("epoll_ctl", "fd", fd, "op", op, "err", err)
 		*cur = 0 // not registered, whatever it was
 		l.closeConn(c)

@@ -1,12 +1,14 @@
 package proxy
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -150,13 +152,20 @@ func dialOne(dst netip.Addr, port uint16, src netip.Addr) (int, bool, error) {
 	if dst.Is6() {
 		family = unix.AF_INET6
 	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-	if err != nil {
-		return -1, false, fmt.Errorf("dial %s: socket: %w", netip.AddrPortFrom(dst, port), err)
+	// socket, setsockopt and connect are raw calls, like the loop's own
+	// (see sysRead): none of them sleeps on a nonblocking socket, and a
+	// loopback connect runs the whole handshake in the caller's context.
+	r, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(family),
+		unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if e != 0 {
+		return -1, false, fmt.Errorf("dial %s: socket: %w", netip.AddrPortFrom(dst, port), e)
 	}
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+	fd := int(r)
+	one := int32(1)
+	if _, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY,
+		uintptr(unsafe.Pointer(&one)), 4, 0); e != 0 {
 		unix.Close(fd)
-		return -1, false, fmt.Errorf("dial %s: TCP_NODELAY: %w", netip.AddrPortFrom(dst, port), err)
+		return -1, false, fmt.Errorf("dial %s: TCP_NODELAY: %w", netip.AddrPortFrom(dst, port), e)
 	}
 	if src.IsValid() {
 		if err := dialBind(fd, src); err != nil {
@@ -164,13 +173,15 @@ func dialOne(dst netip.Addr, port uint16, src netip.Addr) (int, bool, error) {
 			return -1, false, fmt.Errorf("dial %s: %w", netip.AddrPortFrom(dst, port), err)
 		}
 	}
-	sa, err := dialSockaddr(dst, port)
+	var rsa unix.RawSockaddrAny
+	n, err := dialRawSockaddr(&rsa, dst, port)
 	if err != nil {
 		unix.Close(fd)
 		return -1, false, fmt.Errorf("dial %s: %w", netip.AddrPortFrom(dst, port), err)
 	}
-	switch err := unix.Connect(fd, sa); err {
-	case nil:
+	_, _, e = unix.RawSyscall(unix.SYS_CONNECT, uintptr(fd), uintptr(unsafe.Pointer(&rsa)), uintptr(n))
+	switch e {
+	case 0:
 		return fd, false, nil
 	case unix.EINPROGRESS, unix.EINTR:
 		// EINTR on a nonblocking connect: the handshake goes on
@@ -178,12 +189,37 @@ func dialOne(dst netip.Addr, port uint16, src netip.Addr) (int, bool, error) {
 		return fd, true, nil
 	case unix.EADDRNOTAVAIL:
 		unix.Close(fd)
-		return -1, false, err
+		return -1, false, unix.EADDRNOTAVAIL
 	default:
 		unix.Close(fd)
 		return -1, false, &net.OpError{Op: "dial", Net: "tcp",
-			Source: dialTCPAddr(src), Addr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(dst, port)), Err: err}
+			Source: dialTCPAddr(src), Addr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(dst, port)), Err: e}
 	}
+}
+
+// dialRawSockaddr writes a and port into rsa, in the form connect(2) takes,
+// and returns its length.
+func dialRawSockaddr(rsa *unix.RawSockaddrAny, a netip.Addr, port uint16) (int, error) {
+	if a.Is4() {
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(rsa))
+		sa.Family = unix.AF_INET
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], port)
+		sa.Addr = a.As4()
+		return unix.SizeofSockaddrInet4, nil
+	}
+	sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(rsa))
+	sa.Family = unix.AF_INET6
+	binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], port)
+	sa.Addr = a.As16()
+	if z := a.Zone(); z != "" {
+		// Link-local addresses need the interface (fe80::1%eth0).
+		ifi, err := net.InterfaceByName(z)
+		if err != nil {
+			return 0, fmt.Errorf("zone of %s: %w", a, err)
+		}
+		sa.Scope_id = uint32(ifi.Index)
+	}
+	return unix.SizeofSockaddrInet6, nil
 }
 
 // dialBind binds fd to src with port 0 and IP_BIND_ADDRESS_NO_PORT, so the

@@ -3,6 +3,7 @@ package proxy
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"strconv"
 	"sync/atomic"
@@ -281,9 +282,8 @@ func (l *loop) run() {
 // its P away, and the loop pays to get one back on each return; parked, it
 // costs the runtime what any idle network connection does.
 func (l *loop) wait() (int, error) {
-	n, err := epollWaitNow(l.epfd, l.events)
-	if n > 0 || (err != nil && err != unix.EINTR) || l.drainMore {
-		return n, err
+	if l.drainMore {
+		return epollWaitNow(l.epfd, l.events)
 	}
 	var due time.Time // zero: no deadline, the wake eventfd interrupts
 	if l.wheel.n != 0 || l.dirty() || l.paused != 0 {
@@ -296,6 +296,7 @@ func (l *loop) wait() (int, error) {
 		l.deadline = due
 	}
 	l.nready, l.pollErr = 0, nil
+	// Read calls pollOnce first and parks only when it found nothing.
 	if err := l.pollRaw.Read(l.pollFn); err != nil {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return 0, nil
@@ -311,11 +312,14 @@ func (l *loop) pollOnce(uintptr) bool {
 	return l.nready > 0 || (l.pollErr != nil && l.pollErr != unix.EINTR)
 }
 
-// sysRead and sysWrite are read(2) and write(2) on the loop's nonblocking
-// sockets. Such a call never sleeps, so it skips the runtime's bookkeeping
-// for one that might (entersyscall/exitsyscall): with it, a write that does
-// the loopback receiver's TCP work in its own context could outlast 20 µs and
-// have the runtime's monitor thread hand the loop's P to another thread.
+// The loop's system calls on its nonblocking sockets and epoll set. None of
+// them can sleep, so they are raw: they skip the runtime's bookkeeping for a
+// call that might (entersyscall/exitsyscall). With it, a call that does the
+// loopback peer's TCP work in its own context (a write, connect, shutdown or
+// close delivers there and then) could outlast 20 µs and have the runtime's
+// monitor thread hand the loop's P to another thread, waking every 20 µs
+// while it found such calls.
+
 func sysRead(fd int, b []byte) (int, error) {
 	var p unsafe.Pointer
 	if len(b) > 0 {
@@ -338,6 +342,44 @@ func sysWrite(fd int, b []byte) (int, error) {
 		return -1, e
 	}
 	return int(r), nil
+}
+
+// sysClose closes fd. A TCP socket without SO_LINGER does not wait for its
+// FIN or its unsent bytes: the kernel finishes in the background.
+func sysClose(fd int) error {
+	if _, _, e := unix.RawSyscall(unix.SYS_CLOSE, uintptr(fd), 0, 0); e != 0 {
+		return e
+	}
+	return nil
+}
+
+func sysShutdown(fd int, how int) error {
+	if _, _, e := unix.RawSyscall(unix.SYS_SHUTDOWN, uintptr(fd), uintptr(how), 0); e != 0 {
+		return e
+	}
+	return nil
+}
+
+func sysEpollCtl(epfd, op, fd int, ev *unix.EpollEvent) error {
+	_, _, e := unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(epfd), uintptr(op), uintptr(fd),
+		uintptr(unsafe.Pointer(ev)), 0, 0)
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+// sysAccept4 accepts a connection and returns its peer's address, read from
+// the raw sockaddr (no unix.Sockaddr is allocated per device).
+func sysAccept4(fd int, flags int) (int, netip.AddrPort, error) {
+	var rsa unix.RawSockaddrAny
+	n := uint32(unix.SizeofSockaddrAny)
+	r, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(fd), uintptr(unsafe.Pointer(&rsa)),
+		uintptr(unsafe.Pointer(&n)), uintptr(flags), 0, 0)
+	if e != 0 {
+		return -1, netip.AddrPort{}, e
+	}
+	return int(r), addrPortOfRaw(&rsa), nil
 }
 
 // epollWaitNow is epoll_wait with a zero timeout. It never blocks, so it
@@ -368,12 +410,16 @@ func (l *loop) dispatch(fd int32, ev uint32) {
 		if isDev {
 			l.peek(c)
 		}
-	case stDial:
-		if !isDev {
-			l.dialDone(c)
-		}
-	case stReplay:
-		if !isDev {
+	case stDial, stReplay:
+		switch {
+		case isDev:
+			// The device spoke (or hung up) before its CONNACK: not
+			// read until the relay starts, so out of the epoll set
+			// until then (see dial).
+			l.setInterest(c, true, 0)
+		case c.state == stDial:
+			l.dialDone(c, ev)
+		default:
 			l.replayWrite(c)
 		}
 	case stRelay:
@@ -390,7 +436,7 @@ func (l *loop) dispatch(fd int32, ev uint32) {
 // finishBatch closes the fds of connections closed during the batch.
 func (l *loop) finishBatch() {
 	for _, fd := range l.closing {
-		unix.Close(fd)
+		sysClose(fd)
 	}
 	l.closing = l.closing[:0]
 }
@@ -402,10 +448,10 @@ func (l *loop) acceptFrom(i int) {
 		if ln.fd < 0 {
 			return
 		}
-		fd, sa, err := unix.Accept4(ln.fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		fd, src, err := sysAccept4(ln.fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 		switch err {
 		case nil:
-			l.accept(fd, sa)
+			l.accept(fd, src)
 		case unix.EAGAIN:
 			return
 		case unix.EINTR, unix.ECONNABORTED:

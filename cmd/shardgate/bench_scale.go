@@ -41,7 +41,7 @@ type scaleConfig struct {
 	Locals, ProxySources                          []string
 	Storm                                         bool
 	AdmissionRate, AdmissionShare                 float64
-	Settle, ConnectTimeout                        time.Duration
+	Settle, ConnectTimeout, IdleWindow            time.Duration
 }
 
 // scaleResult is the --json output.
@@ -70,6 +70,7 @@ func benchScale(args []string) error {
 	share := fs.Float64("admission-share", 0.8, "--storm: share of the measured per-broker pace the admission lets in")
 	settle := fs.Duration("settle", 2*time.Second, "wait after the GC in every proxy process before reading memory")
 	connectTimeout := fs.Duration("connect-timeout", 10*time.Minute, "give up when the devices are not all connected by then")
+	idle := fs.Duration("idle-window", 20*time.Second, "hold: measure the proxy's CPU with no device this long first (health checks, steering), to take it out of the keepalive CPU")
 	mq := fs.String("mosquitto", "", "mosquitto binary (default: from PATH or /usr/sbin)")
 	jsonOut := fs.Bool("json", false, "print the result as JSON instead of tables")
 	if err := fs.Parse(args); err != nil {
@@ -78,7 +79,7 @@ func benchScale(args []string) error {
 	cfg := scaleConfig{
 		Devices: *devices, Brokers: *brokers, Workers: *workers, EventLoops: *loops, Agents: *agents,
 		KeepAlive: *keepAlive, Hold: *hold, InFlight: *inFlight, Locals: splitList(*locals), ProxySources: splitList(*sources),
-		Storm: *storm, AdmissionRate: *rate, AdmissionShare: *share, Settle: *settle, ConnectTimeout: *connectTimeout,
+		Storm: *storm, AdmissionRate: *rate, AdmissionShare: *share, Settle: *settle, ConnectTimeout: *connectTimeout, IdleWindow: *idle,
 	}
 	if err := cfg.defaults(); err != nil {
 		return err
@@ -198,8 +199,11 @@ type scaleHold struct {
 	// Window is the measured part of the hold; ProxyCPU the proxy's CPU
 	// in it, UpPackets/DownPackets and UpBytes/DownBytes what it relayed
 	// (keepalives: PINGREQ up, PINGRESP down).
-	Window                 time.Duration
-	ProxyCPU, BrokerCPU    time.Duration
+	Window              time.Duration
+	ProxyCPU, BrokerCPU time.Duration
+	// IdleWindow and IdleCPU are the proxy with no device: its own work
+	// (health checks, steering loads), taken out of the keepalive CPU.
+	IdleWindow, IdleCPU    time.Duration
 	UpPackets, DownPackets float64
 	UpBytes, DownBytes     float64
 	PerDevice              scalePerDevice
@@ -229,6 +233,19 @@ func runScaleHold(ctx context.Context, env *scaleEnv, cfg *scaleConfig, logf fun
 	pids, err := env.pids()
 	if err != nil {
 		return h, err
+	}
+	if cfg.IdleWindow > 0 {
+		c0, err := cpuOf(pids)
+		if err != nil {
+			return h, err
+		}
+		t0 := time.Now()
+		time.Sleep(cfg.IdleWindow)
+		c1, err := cpuOf(pids)
+		if err != nil {
+			return h, err
+		}
+		h.IdleCPU, h.IdleWindow = c1-c0, time.Since(t0)
 	}
 	// The agents hold until told: the measured window starts after the
 	// memory sample, however long the connects took.
@@ -344,9 +361,19 @@ func (h *scaleHold) perDevice(devices int) scalePerDevice {
 	// Keepalive round trips in the window: one PINGREQ up per device
 	// per keepalive.
 	if h.UpPackets > 0 {
-		p.KeepaliveCPU = time.Duration(float64(h.ProxyCPU) / h.UpPackets)
+		p.KeepaliveCPU = time.Duration(float64(h.keepaliveCPU()) / h.UpPackets)
 	}
 	return p
+}
+
+// keepaliveCPU is the hold window's proxy CPU less what the proxy spends
+// with no device in as long (never below zero).
+func (h *scaleHold) keepaliveCPU() time.Duration {
+	c := h.ProxyCPU
+	if h.IdleWindow > 0 {
+		c -= time.Duration(float64(h.IdleCPU) * h.Window.Seconds() / h.IdleWindow.Seconds())
+	}
+	return max(c, 0)
 }
 
 func describeScaleMachine(mq string) string {
@@ -386,7 +413,11 @@ func printScale(w *os.File, r *scaleResult) {
 		row("kernel TCP buffers", fmt.Sprintf("%.1f B/device", p.SockstatMem), "sockstat TCP mem, host-wide, idle sockets")
 		win := max(h.Window.Seconds(), 1e-9)
 		row("keepalive traffic", fmt.Sprintf("%.0f pings/s", h.UpPackets/win), fmt.Sprintf("expected %.0f; %.0f B/s up, %.0f B/s down", d/float64(max(r.Config.KeepAlive, 1)), h.UpBytes/win, h.DownBytes/win))
-		row("proxy CPU in hold", fmt.Sprintf("%.2f%% of a core", 100*h.ProxyCPU.Seconds()/win), fmt.Sprintf("%s in %s; %s per ping (brokers %.2f%%)", h.ProxyCPU.Round(time.Millisecond), h.Window.Round(time.Second), p.KeepaliveCPU.Round(100*time.Nanosecond), 100*h.BrokerCPU.Seconds()/win))
+		row("proxy CPU in hold", fmt.Sprintf("%.2f%% of a core", 100*h.ProxyCPU.Seconds()/win), fmt.Sprintf("%s in %s (brokers %.2f%%)", h.ProxyCPU.Round(time.Millisecond), h.Window.Round(time.Second), 100*h.BrokerCPU.Seconds()/win))
+		if h.IdleWindow > 0 {
+			row("proxy CPU, no device", fmt.Sprintf("%.2f%% of a core", 100*h.IdleCPU.Seconds()/h.IdleWindow.Seconds()), fmt.Sprintf("%s in %s: health checks, steering loads", h.IdleCPU.Round(time.Millisecond), h.IdleWindow.Round(time.Second)))
+		}
+		row("keepalive CPU", fmt.Sprintf("%s per ping", p.KeepaliveCPU.Round(10*time.Nanosecond)), fmt.Sprintf("hold less no-device CPU: %.2f%% of a core", 100*h.keepaliveCPU().Seconds()/win))
 	}
 	if len(r.Storms) > 0 {
 		printScaleStorms(tw, r)

@@ -32,7 +32,7 @@ func TestBenchScaleTiny(t *testing.T) {
 	bin := buildShardgate(t)
 	const devices = 600
 	r := benchScaleJSON(t, bin, "--devices", "600", "--workers", "2", "--brokers", "2", "--agents", "2",
-		"--keepalive", "1", "--hold", "3s", "--settle", "200ms", "--locals", "127.0.0.2,127.0.0.3")
+		"--keepalive", "1", "--hold", "3s", "--settle", "200ms", "--idle-window", "1s", "--locals", "127.0.0.2,127.0.0.3")
 	h := r.Hold
 	if h == nil {
 		t.Fatal("no hold in the result")

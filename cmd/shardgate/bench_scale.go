@@ -73,6 +73,7 @@ func benchScale(args []string) error {
 	idle := fs.Duration("idle-window", 20*time.Second, "hold: measure the proxy's CPU with no device this long first (health checks, steering), to take it out of the keepalive CPU")
 	mq := fs.String("mosquitto", "", "mosquitto binary (default: from PATH or /usr/sbin)")
 	jsonOut := fs.Bool("json", false, "print the result as JSON instead of tables")
+	jsonFile := fs.String("json-file", "", "also write the result as JSON to this file")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -114,6 +115,15 @@ func benchScale(args []string) error {
 		var h scaleHold
 		h, err = runScaleHold(ctx, env, &cfg, logf)
 		res.Hold = &h
+	}
+	if *jsonFile != "" {
+		raw, jerr := json.MarshalIndent(res, "", "  ")
+		if jerr == nil {
+			jerr = os.WriteFile(*jsonFile, append(raw, '\n'), 0o644)
+		}
+		if jerr != nil {
+			err = errors.Join(err, jerr)
+		}
 	}
 	if *jsonOut {
 		enc := json.NewEncoder(os.Stdout)

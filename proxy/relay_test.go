@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
 
 	"github.com/shardgate/shardgate/backend"
 	"github.com/shardgate/shardgate/mqttwire"
@@ -352,4 +353,132 @@ func TestFramingCounts(t *testing.T) {
 	}
 	readFull(t, bk, len(stream))
 	counterIs(t, "packets_total{upstream}", p.metrics.pktUp, 101)
+}
+
+// The last FIN of a connection is passed on by closing the socket: the peer
+// must see a clean EOF after every byte, not a reset. Each side in turn
+// sends its last packet and its FIN together, which epoll reports with
+// EPOLLRDHUP, so the FIN is taken without a read returning 0.
+func TestLastFINIsNotAReset(t *testing.T) {
+	p, b := oneRawBackend(t, nil)
+	connack := []byte{0x20, 0x02, 0x00, 0x00}
+	disconnect := []byte{0xe0, 0x00}
+	for _, devLast := range []bool{true, false} {
+		name := "device last"
+		if !devLast {
+			name = "broker last"
+		}
+		t.Run(name, func(t *testing.T) {
+			dev := dialProxy(t, p.addr)
+			connect := connectPacket(mqttwire.Level311, "last-fin-"+name[:1], 0)
+			dev.Write(connect)
+			bk := b.accept(t)
+			readFull(t, bk, len(connect))
+			first, second := bk, dev
+			firstMsg, secondMsg := connack, disconnect
+			if !devLast {
+				first, second = dev, bk
+				firstMsg, secondMsg = disconnect, connack
+			}
+			// The first side's packet and FIN, then the second's.
+			first.Write(firstMsg)
+			first.CloseWrite()
+			second.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if got, err := io.ReadAll(second); err != nil || !bytes.Equal(got, firstMsg) {
+				t.Fatalf("first direction: got %x, %v; want %x and EOF", got, err, firstMsg)
+			}
+			second.Write(secondMsg)
+			second.CloseWrite()
+			first.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if got, err := io.ReadAll(first); err != nil || !bytes.Equal(got, secondMsg) {
+				t.Fatalf("second direction: got %x, %v; want %x and a clean EOF", got, err, secondMsg)
+			}
+			eventually(t, "both closed", func() bool { return p.Active() == 0 })
+		})
+	}
+}
+
+// A device that sends more than its CONNECT while its broker is still being
+// dialled (here: the broker's accept queue is full, so the SYN is dropped and
+// retried a second later) has every byte relayed, in order, once the dial
+// completes. The device is taken out of the epoll set when it speaks during
+// the dial, and put back when the relay starts.
+func TestDeviceSpeaksDuringDial(t *testing.T) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := unix.Getsockname(fd)
+	full := addrPortOf(sa)
+	var fillers []net.Conn
+	for range 3 {
+		if c, err := net.DialTimeout("tcp", full.String(), 200*time.Millisecond); err == nil {
+			fillers = append(fillers, c)
+		}
+	}
+	defer func() {
+		for _, c := range fillers {
+			c.Close()
+		}
+	}()
+	p := startProxy(t, proxySetup{instances: []backend.Instance{inst("slow", full, -1)},
+		config: func(c *Config) { c.Dial.Timeout = Duration(10 * time.Second) }})
+	dev := dialProxy(t, p.addr)
+	connect := connectPacket(mqttwire.Level311, "eager", 0)
+	publish := []byte{0x30, 0x07, 0x00, 0x03, 'a', '/', 'b', 'h', 'i'}
+	dev.Write(connect)
+	time.Sleep(100 * time.Millisecond) // the proxy is dialling now
+	dev.Write(publish)
+	time.Sleep(100 * time.Millisecond)
+	dev.Write(publish)
+	// Free the accept queue: the proxy's retried SYN gets in.
+	for range fillers {
+		if nfd, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC); err == nil {
+			unix.Close(nfd)
+		}
+	}
+	tv := unix.Timeval{Sec: 10}
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	var bfd int
+	for {
+		// Fillers that completed their handshake after the first
+		// round come out first; the proxy's connection carries a CONNECT.
+		nfd, _, err := unix.Accept4(fd, unix.SOCK_CLOEXEC)
+		if err != nil {
+			t.Fatalf("broker: no connection from the proxy: %v", err)
+		}
+		unix.SetsockoptTimeval(nfd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+		var one [1]byte
+		if n, _ := unix.Read(nfd, one[:]); n == 1 && one[0] == connect[0] {
+			bfd = nfd
+			break
+		}
+		unix.Close(nfd)
+	}
+	defer unix.Close(bfd)
+	want := append(append(append([]byte(nil), connect[1:]...), publish...), publish...)
+	got := make([]byte, 0, len(want))
+	buf := make([]byte, 256)
+	for len(got) < len(want) {
+		n, err := unix.Read(bfd, buf)
+		if n <= 0 {
+			t.Fatalf("broker got %x, then %v; want %x", got, err, want)
+		}
+		got = append(got, buf[:n]...)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("broker got %x, want %x", got, want)
+	}
+	// The relay runs both ways from here.
+	unix.Write(bfd, []byte{0x20, 0x02, 0x00, 0x00})
+	if got := readFull(t, dev, 4); !bytes.Equal(got, []byte{0x20, 0x02, 0x00, 0x00}) {
+		t.Fatalf("device got %x, want the CONNACK", got)
+	}
 }

@@ -100,6 +100,11 @@ type Device struct {
 	nextPID uint16
 	msgs    chan Message
 
+	// For the account of a lost connection: when it connected, last
+	// received a packet, last sent a PINGREQ (unix ns).
+	connectedAt        int64
+	lastRecv, lastPing atomic.Int64
+
 	closing atomic.Bool
 	closeCh chan struct{} // closed by Close: unblocks a reader delivering to Messages
 	lost    chan struct{} // closed when the connection ends without Close
@@ -157,6 +162,7 @@ func Connect(ctx context.Context, target string, o DeviceOptions) (*Device, Conn
 		keepAlive: time.Duration(o.KeepAlive) * time.Second,
 		onMessage: o.OnMessage, onLost: o.OnLost,
 		closeCh: make(chan struct{}), lost: make(chan struct{}), done: make(chan struct{}),
+		connectedAt: time.Now().UnixNano(),
 	}
 	go dev.readLoop()
 	if dev.keepAlive > 0 {
@@ -362,10 +368,24 @@ func (d *Device) readLoop() {
 	if !d.closing.Load() {
 		close(d.lost)
 		if d.onLost != nil {
-			d.onLost(err)
+			d.onLost(d.lostError(err))
 		}
 	}
 	d.conn.Close()
+}
+
+// lostError wraps what ended the connection with its timeline, which
+// tells a missed keepalive (no packet for 1.5 × keepalive after a PINGREQ)
+// from a close out of the blue.
+func (d *Device) lostError(err error) error {
+	now := time.Now().UnixNano()
+	ago := func(ns int64) string {
+		if ns == 0 {
+			return "never"
+		}
+		return time.Duration(now-ns).Round(time.Millisecond).String() + " ago"
+	}
+	return fmt.Errorf("%w (connected %s, last packet in %s, last PINGREQ %s)", err, ago(d.connectedAt), ago(d.lastRecv.Load()), ago(d.lastPing.Load()))
 }
 
 func (d *Device) readPackets() error {
@@ -374,6 +394,7 @@ func (d *Device) readPackets() error {
 		if err != nil {
 			return err
 		}
+		d.lastRecv.Store(time.Now().UnixNano())
 		typ := b0 >> 4
 		switch typ {
 		case mqttwire.PUBLISH:
@@ -476,6 +497,8 @@ func (p *pinger) ping(d *Device, now time.Time) {
 	}
 	// A write that fails ends the device through its reader (the socket
 	// is broken); the pinger only schedules the next one.
-	_ = d.write(pingreq)
+	if d.write(pingreq) == nil {
+		d.lastPing.Store(now.UnixNano())
+	}
 	p.add(d, now.Add(d.keepAlive))
 }

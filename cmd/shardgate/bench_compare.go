@@ -52,6 +52,7 @@ func benchCompare(args []string) error {
 	fs := flag.NewFlagSet("bench compare", flag.ContinueOnError)
 	var cfg compareConfig
 	out := fs.String("out", "", "write the markdown report to this file (it is printed either way)")
+	section := fs.String("section", "", "with --out: replace only this named section of the file (between its <!-- bench:NAME --> markers, appended if absent), headings one level down")
 	imgDir := fs.String("img-dir", "", "write the SVG plots here (default: the directory of --out; no plots without either)")
 	fs.IntVar(&cfg.runs, "runs", 3, "runs per figure; each figure is the median")
 	quick := fs.Bool("quick", false, "small counts and short times, for a test (flags given explicitly still win)")
@@ -163,6 +164,9 @@ func benchCompare(args []string) error {
 	}
 	text := rep.markdown()
 	fmt.Print(text)
+	if *out != "" && *section != "" {
+		return writeReportSection(*out, *section, text)
+	}
 	if *out != "" {
 		return os.WriteFile(*out, []byte(text), 0o644)
 	}

@@ -152,14 +152,19 @@ func (l *loop) accept(fd int, src netip.AddrPort) {
 	c.hs.accepted, c.hs.srcPort = time.Now(), src.Port()
 	l.p.table[fd].Store(c)
 	l.active.Add(1)
-	if !l.setInterest(c, true, evIn) {
-		return
-	}
 	// One deadline for the whole CONNECT, from accept: a device dribbling
 	// a byte at a time cannot hold the slot longer. Counted from the end
 	// of the current tick, as idleDue does: counted from l.now, which
 	// began up to a tick ago, the device was cut up to a tick early.
 	l.wheel.add(&c.timer, l.now+1+l.p.set.connectTicks)
+	// A device sends its CONNECT right after the handshake, so by the time
+	// the loop accepts, the CONNECT has often arrived: read it now, and
+	// the device joins the epoll set only if it has to be waited for (or,
+	// once relaying, in relayStart). A miss costs one read that fails.
+	l.peek(c)
+	if c.state == stPeek {
+		l.setInterest(c, true, evIn)
+	}
 }
 
 // ---- peek ----------------------------------------------------------------
@@ -315,7 +320,12 @@ func (l *loop) dial(c *conn) {
 		l.dialDone(c, unix.EPOLLOUT)
 		return
 	}
-	l.setInterest(c, false, evOut)
+	// Over loopback (and to any broker near enough) the handshake has
+	// usually completed within connect(2), and the replay can be written
+	// at once. A socket still connecting refuses the write with EAGAIN,
+	// and replayWrite then waits for EPOLLOUT, which also reports a
+	// failed connect (as EPOLLERR, the write then failing).
+	l.replay(c)
 }
 
 // dialDone runs when the broker socket became writable or failed. A failed
@@ -332,7 +342,6 @@ func (l *loop) dialDone(c *conn, ev uint32) {
 		l.dialFailed(c, err)
 		return
 	}
-	l.p.metrics.BackendDial.Observe(time.Since(c.hs.dialed).Seconds())
 	l.replay(c)
 }
 
@@ -374,6 +383,10 @@ func (l *loop) replayWrite(c *conn) {
 	if err != nil && err != unix.EAGAIN && err != unix.EINTR {
 		l.dialFailed(c, err)
 		return
+	}
+	if n > 0 && hs.off == 0 {
+		// The first byte taken: the connect is known to have completed.
+		l.p.metrics.BackendDial.Observe(time.Since(hs.dialed).Seconds())
 	}
 	hs.off += max(n, 0)
 	if hs.off < len(hs.peek) {

@@ -259,7 +259,10 @@ func runScaleHold(ctx context.Context, env *scaleEnv, cfg *scaleConfig, logf fun
 	}
 	// The agents hold until told: the measured window starts after the
 	// memory sample, however long the connects took.
-	jobs := scaleJobs(loadgen.KindHold, env.listen, "scale-", cfg.Devices, cfg.Agents, cfg.Locals, cfg.KeepAlive, cfg.InFlight, false, 24*time.Hour)
+	// A connect that fails while the fleet fills (a broker's accept queue
+	// full on a loaded host) retries, and counts in Failed and Retries, not
+	// in Lost: Lost is what the hold dropped.
+	jobs := scaleJobs(loadgen.KindHold, env.listen, "scale-", cfg.Devices, cfg.Agents, cfg.Locals, cfg.KeepAlive, cfg.InFlight, true, 24*time.Hour)
 	series := sampleCPU(100*time.Millisecond, pids, env.brokers)
 	fleet, err := startFleet(ctx, jobs)
 	if err != nil {
@@ -411,7 +414,7 @@ func printScale(w *os.File, r *scaleResult) {
 		d := float64(r.Config.Devices)
 		p := h.PerDevice
 		fmt.Fprintln(tw)
-		row("devices", fmt.Sprintf("%d of %d connected", h.Report.Connected, r.Config.Devices), fmt.Sprintf("%d workers, %d brokers, keepalive %ds", r.Config.Workers, r.Config.Brokers, r.Config.KeepAlive))
+		row("devices", fmt.Sprintf("%d of %d connected", h.Report.Connected, r.Config.Devices), fmt.Sprintf("%d workers, %d brokers, keepalive %ds; %d failed tries while filling, %d retries", r.Config.Workers, r.Config.Brokers, r.Config.KeepAlive, h.Report.Failed, h.Report.Retries))
 		row("connect all", fmtDur(h.ConnectTime), fmt.Sprintf("%.0f connects/s; CONNACK p50 %s p99 %s", d/max(h.ConnectTime.Seconds(), 1e-9), fmtDur(h.Report.Connack.P50), fmtDur(h.Report.Connack.P99)))
 		row("proxy CPU to connect", fmt.Sprintf("%s", h.ConnectCPU.Round(time.Millisecond)), fmt.Sprintf("%.1f ms per 1000 connects (brokers %s)", 1000*ms(h.ConnectCPU)/d, h.BrokerConnectCPU.Round(time.Millisecond)))
 		row("lost during hold", fmt.Sprint(h.Report.Lost), fmt.Sprintf("held %s, proxy held %d at the end", h.Window.Round(time.Second), h.HeldAfter))

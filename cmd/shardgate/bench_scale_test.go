@@ -47,8 +47,10 @@ func TestBenchScaleTiny(t *testing.T) {
 	}
 	p := h.PerDevice
 	// Two descriptors per device (its socket and its broker's); a proxy
-	// holding a device costs memory in user space and in the kernel.
-	if p.Fds < 1.9 || p.Fds > 2.1 || p.RSS <= 0 || p.Anon <= 0 || p.Slab <= 0 || p.ConnectCPU <= 0 {
+	// holding a device costs memory. (The kernel's slab is host-wide: on a
+	// shared host another run closing its sockets can shrink it more than
+	// 600 devices grow it, so it is not asserted here.)
+	if p.Fds < 1.9 || p.Fds > 2.1 || p.RSS <= 0 || p.Anon <= 0 || p.ConnectCPU <= 0 {
 		t.Fatalf("per device: %+v", p)
 	}
 	// keepalive 1s for ~3s: each device pinged about 3 times, every ping

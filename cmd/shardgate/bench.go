@@ -48,6 +48,12 @@ func runBench(args []string) error {
 		}
 		return errors.New(b.String())
 	}
+	if args[0] == "agent" {
+		// One load-generating process of a multi-process scenario
+		// (internal/loadgen.RunAgents): a job as JSON on stdin, its
+		// report as JSON on stdout. Not for people, so not listed.
+		return benchAgent(args[1:])
+	}
 	sc, ok := benchScenarios[args[0]]
 	if !ok {
 		return fmt.Errorf("unknown scenario %q (known: %s)", args[0], strings.Join(names, ", "))

@@ -26,7 +26,6 @@ func init() {
 	benchScenarios["churn"] = benchScenario{benchChurn, "devices connect and disconnect at a rate: CONNACK percentiles, achieved rate"}
 	benchScenarios["latency"] = benchScenario{benchLatency, "publish → delivery percentiles at QoS 0/1/2 at a fixed rate, each device on its own topic"}
 	benchScenarios["hold"] = benchScenario{benchHold, "N devices held with keepalives for a duration: connect time, unexpected disconnects"}
-	benchScenarios["agent"] = benchScenario{benchAgent, "internal: one agent process of storm, churn, latency and hold (job as JSON on stdin, report as JSON on stdout)"}
 }
 
 // devicesPerAgent keeps an agent under the 20000 open-files limit of a

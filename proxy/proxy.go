@@ -139,6 +139,7 @@ type Proxy struct {
 	steerDone sync.Once
 	worker    *WorkerOptions
 	loadStop  chan struct{} // closed to stop publishing the worker's load
+	loadFDs   []int         // the worker's steered listeners, for their queues
 	loadDone  chan struct{}
 
 	// vipFD is the first VIP listener (-1: no VIP configured), the one in
@@ -406,6 +407,9 @@ func (p *Proxy) insertWorker() string {
 		}
 	}
 	p.gen = w.Generation
+	for _, a := range p.addrs {
+		p.loadFDs = append(p.loadFDs, p.listenerFDs(a)...)
+	}
 	p.loadStop, p.loadDone = make(chan struct{}), make(chan struct{})
 	go p.publishLoad()
 	return fmt.Sprintf("ebpf generation %d, worker %d of %d, least loaded", w.Generation, w.Index, w.Count)
@@ -428,13 +432,29 @@ func (p *Proxy) publishLoad() {
 			// of the same index owns this count now.
 			return
 		}
-		n := p.Active()
+		// The connections waiting in this worker's accept queues are
+		// its load too: the program counted them when it chose this
+		// worker, and in a reconnect storm the queues hold thousands.
+		n := p.Active() + queued(p.loadFDs)
 		for _, s := range p.steer {
 			if err := s.SetLoad(p.worker.Index, n); err != nil {
 				p.acceptLog.Log(context.Background(), slog.LevelWarn, "steering load", "eBPF steering: worker load not written", "err", err)
 			}
 		}
 	}
+}
+
+// queued is how many connections wait in the accept queues of the
+// listening sockets fds: for a listener, TCP_INFO's tcpi_unacked is its
+// accept queue length.
+func queued(fds []int) int {
+	n := 0
+	for _, fd := range fds {
+		if ti, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+			n += int(ti.Unacked)
+		}
+	}
+	return n
 }
 
 // stopLoad stops publishLoad, if it runs.

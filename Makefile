@@ -2,6 +2,7 @@
 #
 #   make run    a demo fleet on 127.0.0.1:1883 (admin on 127.0.0.1:9883)
 #   make test   install what the tests need, then vet and test everything
+#   make bench  the benchmark figures of docs/benchmarks.md and docs/scale.md
 #
 # `make test` runs as root on a fresh Debian 12 machine: it installs Redis,
 # Mosquitto and iproute2 from Debian's packages when they are missing.
@@ -16,7 +17,7 @@ PKGS     := ./...
 # 75804, fixed in Go 1.27).
 FUZZTIME ?= 100000x
 
-.PHONY: all build run test deps consul vet unit fuzz bench-idle generate clean
+.PHONY: all build run test deps consul vet unit fuzz bench bench-deps bench-idle generate clean
 
 all: build
 
@@ -92,6 +93,22 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzACLOwnSubtree$$' -fuzztime $(FUZZTIME) ./broker/
 
 test: deps consul vet unit fuzz
+
+# bench reproduces the benchmark figures on this machine, as root, in about
+# 25 minutes: shardgate against HAProxy 2.6 and direct-to-broker (the
+# "Against HAProxy" section of docs/benchmarks.md, plots in docs/img), then
+# 100,000 devices held 5 minutes through proxy workers and two 50,000-device
+# storms (the "Latest make bench run" sections of docs/scale.md). HAProxy
+# comes from Debian's package.
+bench: build deps bench-deps
+	$(BIN) bench compare --runs 3 --out docs/benchmarks.md --section compare --img-dir docs/img
+	$(BIN) bench scale --out docs/scale.md
+	$(BIN) bench scale --storm --workers 8 --out docs/scale.md
+
+bench-deps:
+	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { \
+		echo "installing: haproxy"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy; }
 
 # bench-idle measures the proxy's memory and fds per idle connection
 # (figures in docs/benchmarks.md).

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"strings"
@@ -74,6 +75,8 @@ func benchScale(args []string) error {
 	mq := fs.String("mosquitto", "", "mosquitto binary (default: from PATH or /usr/sbin)")
 	jsonOut := fs.Bool("json", false, "print the result as JSON instead of tables")
 	jsonFile := fs.String("json-file", "", "also write the result as JSON to this file")
+	out := fs.String("out", "", "also write the result tables into this markdown file, in the section named by --section (between its <!-- bench:NAME --> markers)")
+	section := fs.String("section", "", "with --out: the section to replace (default scale-hold, or scale-storm with --storm)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -123,6 +126,22 @@ func benchScale(args []string) error {
 		}
 		if jerr != nil {
 			err = errors.Join(err, jerr)
+		}
+	}
+	if *out != "" {
+		name := *section
+		if name == "" {
+			name = "scale-hold"
+			if cfg.Storm {
+				name = "scale-storm"
+			}
+		}
+		var b strings.Builder
+		printScale(&b, &res)
+		report := fmt.Sprintf("Latest `make bench` run (%s): `shardgate bench scale %s`; machine: %s\n\n```\n%s```\n",
+			time.Now().UTC().Format("2006-01-02 15:04 MST"), strings.Join(args, " "), res.Machine, b.String())
+		if werr := writeReportSection(*out, name, report); werr != nil {
+			err = errors.Join(err, werr)
 		}
 	}
 	if *jsonOut {
@@ -406,7 +425,7 @@ func describeScaleMachine(mq string) string {
 	return strings.Join(parts, "; ") + "; RAM " + mem
 }
 
-func printScale(w *os.File, r *scaleResult) {
+func printScale(w io.Writer, r *scaleResult) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	defer tw.Flush()
 	row := func(k, v, note string) { fmt.Fprintf(tw, "  %s\t%s\t%s\n", k, v, note) }

@@ -98,21 +98,14 @@ func benchIdle(args []string) error {
 	var cfg strings.Builder
 	proxyPort, adminPort := freePort(), freePort()
 	fmt.Fprintf(&cfg, "listen: [\"127.0.0.1:%d\"]\nadmin: \"127.0.0.1:%d\"\nshards: %d\nevent_loops: 2\nhealth: {type: tcp, interval: 1s}\nlog: {level: warn}\nbackends:\n  static:\n", proxyPort, adminPort, *backends)
+	brokers := benchProcs{dir: dir, ctx: ctx, cancel: cancel}
+	defer brokers.stopAll(nil)
 	for i := 0; i < *backends; i++ {
-		port := freePort()
-		conf := filepath.Join(dir, fmt.Sprintf("mosquitto-%d.conf", i))
-		if err := os.WriteFile(conf, []byte(fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_dest none\n", port)), 0o644); err != nil {
+		_, addr, err := brokers.startMosquitto(mq, i)
+		if err != nil {
 			return err
 		}
-		cmd := exec.CommandContext(ctx, mq, "-c", conf)
-		if err := cmd.Start(); err != nil {
-			return fmt.Errorf("start mosquitto: %w", err)
-		}
-		defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-		fmt.Fprintf(&cfg, "    - {id: mosquitto-%d, address: \"127.0.0.1:%d\", shard: %d}\n", i, port, i)
-		if err := waitTCP(fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second); err != nil {
-			return fmt.Errorf("mosquitto %d: %w", i, err)
-		}
+		fmt.Fprintf(&cfg, "    - {id: mosquitto-%d, address: %q, shard: %d}\n", i, addr, i)
 	}
 	cfgPath := filepath.Join(dir, "proxy.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg.String()), 0o644); err != nil {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -202,11 +201,8 @@ type cmpTarget struct {
 }
 
 type cmpEnv struct {
-	dir     string
+	benchProcs
 	haproxy string
-	ctx     context.Context
-	cancel  context.CancelFunc
-	procs   []*exec.Cmd
 	brokers []cmpBroker
 	snap    *backend.Snapshot
 	targets []*cmpTarget // direct, haproxy, shardgate
@@ -240,36 +236,16 @@ func (e *cmpEnv) brokerPids() []int {
 	return out
 }
 
-// start runs a child that dies with this process (Pdeathsig) and with the
-// environment (stop).
-func (e *cmpEnv) start(stderr io.Writer, name string, args ...string) (*exec.Cmd, error) {
-	cmd := exec.CommandContext(e.ctx, name, args...)
-	cmd.Stderr = stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", filepath.Base(name), err)
-	}
-	e.procs = append(e.procs, cmd)
-	return cmd, nil
-}
-
-func (e *cmpEnv) stop() {
-	e.cancel()
-	for _, p := range e.procs {
-		_ = p.Wait()
-	}
-	os.RemoveAll(e.dir)
-}
+func (e *cmpEnv) stop() { e.stopAll(nil) }
 
 // startCompareEnv starts the brokers, a shardgate proxy and HAProxy, and
 // waits until both proxies answer.
 func startCompareEnv(mq, hap string) (_ *cmpEnv, err error) {
-	dir, err := os.MkdirTemp("", "shardgate-compare-")
+	procs, err := newBenchProcs("shardgate-compare-")
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	e := &cmpEnv{dir: dir, ctx: ctx, cancel: cancel, haproxy: hap}
+	e := &cmpEnv{benchProcs: procs, haproxy: hap}
 	defer func() {
 		if err != nil {
 			e.stop()
@@ -278,19 +254,11 @@ func startCompareEnv(mq, hap string) (_ *cmpEnv, err error) {
 
 	var instances []backend.Instance
 	for i := range cmpBrokers {
-		port := freePort()
-		conf := filepath.Join(dir, fmt.Sprintf("mosquitto-%d.conf", i))
-		if err := os.WriteFile(conf, []byte(fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_dest none\n", port)), 0o644); err != nil {
-			return nil, err
-		}
-		cmd, err := e.start(os.Stderr, mq, "-c", conf)
+		cmd, addr, err := e.startMosquitto(mq, i)
 		if err != nil {
 			return nil, err
 		}
-		b := cmpBroker{id: fmt.Sprintf("mosquitto-%d", i), addr: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port)), pid: cmd.Process.Pid}
-		if err := waitTCP(b.addr.String(), 5*time.Second); err != nil {
-			return nil, fmt.Errorf("mosquitto %d: %w", i, err)
-		}
+		b := cmpBroker{id: fmt.Sprintf("mosquitto-%d", i), addr: addr, pid: cmd.Process.Pid}
 		e.brokers = append(e.brokers, b)
 		instances = append(instances, backend.Instance{ID: b.id, Addr: b.addr, Shard: i, Healthy: true})
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -15,18 +14,13 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/shardgate/shardgate/internal/adminsock"
 )
 
 // scaleEnv is one run's brokers and `shardgate proxy --workers`, all
 // children that die with this process (Pdeathsig) and with stop.
 type scaleEnv struct {
-	dir     string
-	ctx     context.Context
-	cancel  context.CancelFunc
-	procs   []*exec.Cmd
+	benchProcs
 	brokers []int // mosquitto pids, by shard
 	ports   []int // their ports on 127.0.0.1
 	proxy   *exec.Cmd
@@ -42,54 +36,25 @@ type scaleEnv struct {
 // open-files soft limit raised to the hard one (Go restores the limit this
 // process started with in its children, often 1024).
 func startScaleEnv(mq string, b int) (_ *scaleEnv, err error) {
-	dir, err := os.MkdirTemp("", "shardgate-scale-")
+	procs, err := newBenchProcs("shardgate-scale-")
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	e := &scaleEnv{dir: dir, ctx: ctx, cancel: cancel}
+	e := &scaleEnv{benchProcs: procs}
 	defer func() {
 		if err != nil {
 			e.stop()
 		}
 	}()
 	for i := range b {
-		port := freePort()
-		conf := filepath.Join(dir, fmt.Sprintf("mosquitto-%d.conf", i))
-		if err := os.WriteFile(conf, []byte(fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\nmax_connections -1\npersistence false\nlog_dest none\n", port)), 0o644); err != nil {
-			return nil, err
-		}
-		cmd, err := e.start(os.Stderr, mq, "-c", conf)
+		cmd, addr, err := e.startMosquitto(mq, i)
 		if err != nil {
 			return nil, err
 		}
-		raiseNoFile(cmd.Process.Pid)
-		if err := waitTCP(fmt.Sprintf("127.0.0.1:%d", port), 5*time.Second); err != nil {
-			return nil, fmt.Errorf("mosquitto %d: %w", i, err)
-		}
 		e.brokers = append(e.brokers, cmd.Process.Pid)
-		e.ports = append(e.ports, port)
+		e.ports = append(e.ports, int(addr.Port()))
 	}
 	return e, nil
-}
-
-func raiseNoFile(pid int) {
-	var rl unix.Rlimit
-	if unix.Prlimit(pid, unix.RLIMIT_NOFILE, nil, &rl) == nil && rl.Cur < rl.Max {
-		rl.Cur = rl.Max
-		_ = unix.Prlimit(pid, unix.RLIMIT_NOFILE, &rl, nil)
-	}
-}
-
-func (e *scaleEnv) start(stderr io.Writer, name string, args ...string) (*exec.Cmd, error) {
-	cmd := exec.CommandContext(e.ctx, name, args...)
-	cmd.Stderr = stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", filepath.Base(name), err)
-	}
-	e.procs = append(e.procs, cmd)
-	return cmd, nil
 }
 
 // stop ends the proxy with SIGTERM first, so its workers close their
@@ -104,13 +69,7 @@ func (e *scaleEnv) stop() {
 		case <-time.After(15 * time.Second):
 		}
 	}
-	e.cancel()
-	for _, p := range e.procs {
-		if p != e.proxy {
-			_ = p.Wait()
-		}
-	}
-	os.RemoveAll(e.dir)
+	e.stopAll(e.proxy)
 }
 
 // proxyConfig is the YAML of the proxy in front of the brokers; rate > 0

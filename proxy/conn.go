@@ -39,13 +39,17 @@ const (
 	fDrain                      // chosen by a drain: relay up to the next packet boundaries, then drainFinish
 )
 
-// epoll interest of one fd, as kept in conn.devEv / conn.bkEv. 0 means the
-// fd is not in the epoll set: an fd with nothing to wait for is removed, since
-// EPOLLHUP and EPOLLERR are reported even for an empty mask and, being
-// level-triggered, would spin the loop.
+// epoll interest of one fd, as kept in conn.devEv / conn.bkEv, with evReg
+// set while the fd is in the epoll set. An fd with nothing to wait for is
+// removed (EPOLL_CTL_DEL), except after its FIN (see setInterest): a new
+// edge would otherwise wake the loop for bytes it does not mean to read.
+// Registrations are edge-triggered, so every read that fills the loop's
+// buffer is followed by another (loop.readAgain): no new edge reports the
+// bytes left behind.
 const (
 	evIn  uint8 = 1
 	evOut uint8 = 2
+	evReg uint8 = 4
 )
 
 // conn is one proxied device: the device's socket and, from the dial stage on,
@@ -161,7 +165,7 @@ func (l *loop) accept(fd int, src netip.AddrPort) {
 	// the loop accepts, the CONNECT has often arrived: read it now, and
 	// the device joins the epoll set only if it has to be waited for (or,
 	// once relaying, in relayStart). A miss costs one read that fails.
-	l.peek(c)
+	l.peek(c, false)
 	if c.state == stPeek {
 		l.setInterest(c, true, evIn)
 	}
@@ -169,8 +173,9 @@ func (l *loop) accept(fd int, src netip.AddrPort) {
 
 // ---- peek ----------------------------------------------------------------
 
-// peek reads from the device until its CONNECT is complete.
-func (l *loop) peek(c *conn) {
+// peek reads from the device until its CONNECT is complete. rdhup: epoll
+// reported the device's FIN.
+func (l *loop) peek(c *conn, rdhup bool) {
 	n, err := sysRead(int(c.dev), l.buf)
 	switch {
 	case err == unix.EAGAIN || err == unix.EINTR:
@@ -179,6 +184,7 @@ func (l *loop) peek(c *conn) {
 		l.reject(c, reasonClosedEarly)
 		return
 	}
+	l.readAgain(c, true, n, rdhup)
 	hs := c.hs
 	hs.peek = append(hs.peek, l.buf[:n]...)
 	cn, err := mqttwire.ParseConnect(hs.peek, l.p.set.maxConnect)
@@ -504,6 +510,8 @@ func (l *loop) relayRead(c *conn, fromDev bool, rdhup bool) {
 		l.relayEOF(c, fromDev)
 		return
 	}
+	// The FIN of a short read is taken below, except while draining.
+	l.readAgain(c, fromDev, n, rdhup && (n == len(l.buf) || c.flags&fDrain != 0))
 	b := l.buf[:n]
 	if c.flags&fDrain != 0 {
 		if b = drainCut(c, fromDev, b); len(b) == 0 {
@@ -789,14 +797,16 @@ func (l *loop) refuse(c *conn, level byte, reason mqttwire.ReasonCode, metric st
 }
 
 // linger discards what a refused device still sends until it closes.
-func (l *loop) linger(c *conn) {
+func (l *loop) linger(c *conn, rdhup bool) {
 	n, err := sysRead(int(c.dev), l.buf)
 	if err == unix.EAGAIN || err == unix.EINTR {
 		return
 	}
 	if err != nil || n == 0 {
 		l.closeConn(c)
+		return
 	}
+	l.readAgain(c, true, n, rdhup)
 }
 
 // reject counts a refused handshake and closes without an answer.
@@ -901,25 +911,36 @@ func (l *loop) dropFD(c *conn, dev bool) {
 }
 
 // setInterest registers, changes or removes one fd's epoll interest. On
-// failure the connection is closed and false returned.
+// failure the connection is closed and false returned. Connection fds are
+// edge-triggered, so a side whose FIN has been read stays registered with
+// nothing to wait for: no further EPOLLIN edge can come, and the rare
+// EPOLLERR, EPOLLHUP or EPOLLOUT edge left is reported once and ignored by
+// relay. That spares the EPOLL_CTL_DEL a level-triggered fd needs there
+// (its EOF would be reported on every wait), one per connection.
 func (l *loop) setInterest(c *conn, dev bool, want uint8) bool {
-	fd, cur := c.bk, &c.bkEv
+	fd, cur, eof := c.bk, &c.bkEv, c.flags&fDownEOF != 0
 	if dev {
-		fd, cur = c.dev, &c.devEv
+		fd, cur, eof = c.dev, &c.devEv, c.flags&fUpEOF != 0
 	}
-	if *cur == want {
-		return true
+	have, reg := *cur&^evReg, *cur&evReg != 0
+	if have == want {
+		return true // an fd with interest is registered
 	}
 	var op int
 	switch {
+	case want == 0 && eof:
+		*cur = evReg
+		return true
 	case want == 0:
 		op = unix.EPOLL_CTL_DEL
-	case *cur == 0:
+	case !reg:
 		op = unix.EPOLL_CTL_ADD
 	default:
+		// A MOD, like an ADD, reports what is ready at once: an edge
+		// that came while the fd was not read is not lost.
 		op = unix.EPOLL_CTL_MOD
 	}
-	ev := unix.EpollEvent{Fd: fd}
+	ev := unix.EpollEvent{Events: unix.EPOLLET, Fd: fd}
 	if want&evIn != 0 {
 		// EPOLLRDHUP: a FIN that comes with the last bytes is known
 		// without a second read (relayRead).
@@ -935,5 +956,8 @@ func (l *loop) setInterest(c *conn, dev bool, want uint8) bool {
 		return false
 	}
 	*cur = want
+	if want != 0 {
+		*cur |= evReg
+	}
 	return true
 }

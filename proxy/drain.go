@@ -466,7 +466,7 @@ func (l *loop) drainFinish(c *conn) {
 
 // drainedRead discards what a moved connection's peers still send, and
 // closes once both have closed.
-func (l *loop) drainedRead(c *conn, isDev bool) {
+func (l *loop) drainedRead(c *conn, isDev, rdhup bool) {
 	fd := c.bk
 	if isDev {
 		fd = c.dev
@@ -479,6 +479,7 @@ func (l *loop) drainedRead(c *conn, isDev bool) {
 		l.closeConn(c)
 		return
 	case n > 0:
+		l.readAgain(c, isDev, n, rdhup)
 		return
 	}
 	if isDev {

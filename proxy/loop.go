@@ -75,8 +75,12 @@ type loop struct {
 	now    uint32 // current tick
 
 	closing []int // fds to close after the current batch
-	free    []*pend
-	freeHS  []*handshake
+	// again holds the reads that may have left bytes or a FIN behind:
+	// their fds are edge-triggered, so each is read once more after the
+	// batch (readAgain); againSpare is the other half of the double buffer.
+	again, againSpare []againRead
+	free              []*pend
+	freeHS            []*handshake
 
 	active atomic.Int64 // connections owned (handshaking and relaying)
 	gauges map[gaugeKey]*activeGauge
@@ -92,6 +96,14 @@ type loop struct {
 	flushedAt          uint32
 
 	done chan struct{}
+}
+
+// againRead is one side of a connection to read again without an epoll
+// event; rdhup: epoll reported the side's FIN behind the bytes left.
+type againRead struct {
+	c     *conn
+	dev   bool
+	rdhup bool
 }
 
 type gaugeKey struct {
@@ -228,6 +240,7 @@ func (l *loop) run() {
 				l.ready[ev.Pad-kindListener] = true
 			}
 		}
+		l.readAgainTurn()
 		l.wheel.advance(l.now, l.expire)
 		l.finishBatch()
 		// Accept after the batch, never in it: a new fd may reuse the
@@ -282,7 +295,7 @@ func (l *loop) run() {
 // its P away, and the loop pays to get one back on each return; parked, it
 // costs the runtime what any idle network connection does.
 func (l *loop) wait() (int, error) {
-	if l.drainMore {
+	if l.drainMore || len(l.again) > 0 {
 		return epollWaitNow(l.epfd, l.events)
 	}
 	var due time.Time // zero: no deadline, the wake eventfd interrupts
@@ -405,10 +418,11 @@ func (l *loop) dispatch(fd int32, ev uint32) {
 		return
 	}
 	isDev := fd == c.dev
+	rdhup := ev&unix.EPOLLRDHUP != 0
 	switch c.state {
 	case stPeek:
 		if isDev {
-			l.peek(c)
+			l.peek(c, rdhup)
 		}
 	case stDial, stReplay:
 		switch {
@@ -426,11 +440,50 @@ func (l *loop) dispatch(fd int32, ev uint32) {
 		l.relay(c, isDev, ev)
 	case stLinger:
 		if isDev {
-			l.linger(c)
+			l.linger(c, rdhup)
 		}
 	case stDrained:
-		l.drainedRead(c, isDev)
+		l.drainedRead(c, isDev, rdhup)
 	}
+}
+
+// readAgain notes that a read of n bytes from one side of c may have left
+// something behind that no new edge of its edge-triggered fd will report:
+// more bytes, when the read filled the loop's buffer, or the FIN, when epoll
+// reported one with the bytes (rdhup) and the caller has not taken it. The
+// side is read once more after the batch.
+func (l *loop) readAgain(c *conn, dev bool, n int, rdhup bool) {
+	if (n == len(l.buf) || rdhup) && c.state != stClosed {
+		l.again = append(l.again, againRead{c, dev, rdhup})
+	}
+}
+
+// readAgainTurn dispatches the reads noted by readAgain so far in this turn
+// as if epoll had reported them; those it notes now wait for the next turn,
+// so one fast sender cannot hold the loop.
+func (l *loop) readAgainTurn() {
+	if len(l.again) == 0 {
+		return
+	}
+	batch := l.again
+	l.again = l.againSpare[:0]
+	for i := range batch {
+		a := &batch[i]
+		fd := a.c.bk
+		if a.dev {
+			fd = a.c.dev
+		}
+		// A connection closed since has no fds; conns are not reused.
+		if a.c.state != stClosed && fd >= 0 {
+			ev := uint32(unix.EPOLLIN)
+			if a.rdhup {
+				ev |= unix.EPOLLRDHUP
+			}
+			l.dispatch(fd, ev)
+		}
+		a.c = nil
+	}
+	l.againSpare = batch[:0]
 }
 
 // finishBatch closes the fds of connections closed during the batch.

@@ -5,7 +5,7 @@
 #   make bench  the benchmark figures of docs/benchmarks.md and docs/scale.md
 #
 # `make test` runs as root on a fresh Debian 12 machine: it installs Redis,
-# Mosquitto and iproute2 from Debian's packages when they are missing.
+# Mosquitto, HAProxy and iproute2 from Debian's packages when they are missing.
 #
 #   make consul builds the real Consul agent the tests run (bin/consul)
 
@@ -17,7 +17,7 @@ PKGS     := ./...
 # 75804, fixed in Go 1.27).
 FUZZTIME ?= 100000x
 
-.PHONY: all build run test deps consul vet unit fuzz bench bench-deps bench-idle generate clean
+.PHONY: all build run test deps consul vet unit fuzz bench bench-idle generate clean
 
 all: build
 
@@ -30,7 +30,7 @@ run: build
 # deps installs the real servers and tools the tests talk to.
 deps:
 	@missing=""; \
-	for p in redis-server:redis-server mosquitto:mosquitto mosquitto_pub:mosquitto-clients ip:iproute2; do \
+	for p in redis-server:redis-server mosquitto:mosquitto mosquitto_pub:mosquitto-clients ip:iproute2 haproxy:haproxy; do \
 		cmd=$${p%%:*}; pkg=$${p#*:}; \
 		command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
 	done; \
@@ -99,16 +99,11 @@ test: deps consul vet unit fuzz
 # "Against HAProxy" section of docs/benchmarks.md, plots in docs/img), then
 # 100,000 devices held 5 minutes through proxy workers and two 50,000-device
 # storms (the "Latest make bench run" sections of docs/scale.md). HAProxy
-# comes from Debian's package.
-bench: build deps bench-deps
+# comes from Debian's package (make deps).
+bench: build deps
 	$(BIN) bench compare --runs 3 --out docs/benchmarks.md --section compare --img-dir docs/img
 	$(BIN) bench scale --out docs/scale.md
 	$(BIN) bench scale --storm --workers 8 --out docs/scale.md
-
-bench-deps:
-	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { \
-		echo "installing: haproxy"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy; }
 
 # bench-idle measures the proxy's memory and fds per idle connection
 # (figures in docs/benchmarks.md).

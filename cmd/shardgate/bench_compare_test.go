@@ -25,11 +25,12 @@ func TestBenchCompareQuick(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts Mosquitto, HAProxy and a proxy")
 	}
+	// make test installs both (make deps).
 	if _, err := findMosquitto(""); err != nil {
-		t.Skip(err)
+		t.Fatal(err)
 	}
 	if _, err := findHAProxy(""); err != nil {
-		t.Skip(err)
+		t.Fatal(err)
 	}
 	bin := buildShardgate(t)
 	dir := t.TempDir()

@@ -103,7 +103,7 @@ test: deps consul vet unit fuzz
 bench: build deps
 	$(BIN) bench compare --runs 3 --out docs/benchmarks.md --section compare --img-dir docs/img
 	$(BIN) bench scale --out docs/scale.md
-	$(BIN) bench scale --storm --workers 8 --out docs/scale.md
+	$(BIN) bench scale --storm --out docs/scale.md
 
 # bench-idle measures the proxy's memory and fds per idle connection
 # (figures in docs/benchmarks.md).

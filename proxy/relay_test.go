@@ -482,3 +482,27 @@ func TestDeviceSpeaksDuringDial(t *testing.T) {
 		t.Fatalf("device got %x, want the CONNACK", got)
 	}
 }
+
+// A device that sends its CONNECT and DISCONNECT and half-closes at once
+// (the FIN arrives with, or right behind, the data, often before the
+// broker is even dialled): the broker gets exactly those bytes and then
+// EOF, every time. Edge-triggered sockets must not lose the FIN queued
+// behind data the loop had not consumed yet.
+func TestConnectDisconnectAndFINAtOnce(t *testing.T) {
+	p, b := oneRawBackend(t, nil)
+	for i := range 50 {
+		dev := dialProxy(t, p.addr)
+		want := append(connectPacket(mqttwire.Level311, "fin-at-once-"+itoa(i), 0), 0xe0, 0x00)
+		dev.Write(want)
+		dev.CloseWrite()
+		bk := b.accept(t)
+		bk.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got, err := io.ReadAll(bk)
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("device %d: the broker got %x, %v; want %x and EOF", i, got, err, want)
+		}
+		bk.Close()
+		dev.Close()
+	}
+	eventually(t, "every connection closed", func() bool { return p.Active() == 0 })
+}

@@ -62,28 +62,45 @@ func openSteering(t *testing.T, dir string) *Steering {
 	return s
 }
 
-// listen opens a raw (never MPTCP) nonblocking SO_REUSEPORT listener.
+// listen opens a raw (never MPTCP) nonblocking SO_REUSEPORT listener, IPv4
+// or IPv6 (IPv6-only) by addr.
 func listen(t *testing.T, addr netip.AddrPort) (int, netip.AddrPort) {
 	t.Helper()
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	family, sa := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()})
+	if addr.Addr().Is6() {
+		family, sa = unix.AF_INET6, &unix.SockaddrInet6{Port: int(addr.Port()), Addr: addr.Addr().As16()}
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}); err != nil {
+	if family == unix.AF_INET6 {
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := unix.Bind(fd, sa); err != nil {
 		t.Fatal(err)
 	}
 	if err := unix.Listen(fd, 1024); err != nil {
 		t.Fatal(err)
 	}
-	sa, err := unix.Getsockname(fd)
+	got, err := unix.Getsockname(fd)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Close(fd) })
-	return fd, netip.AddrPortFrom(addr.Addr(), uint16(sa.(*unix.SockaddrInet4).Port))
+	port := 0
+	switch a := got.(type) {
+	case *unix.SockaddrInet4:
+		port = a.Port
+	case *unix.SockaddrInet6:
+		port = a.Port
+	}
+	return fd, netip.AddrPortFrom(addr.Addr(), uint16(port))
 }
 
 // acceptAll accepts on every listener until want connections were accepted
@@ -124,7 +141,7 @@ func dialN(t *testing.T, addr netip.AddrPort, n int) []net.Conn {
 	t.Helper()
 	conns := make([]net.Conn, 0, n)
 	for i := 0; i < n; i++ {
-		c, err := net.DialTimeout("tcp4", addr.String(), 2*time.Second)
+		c, err := net.DialTimeout("tcp", addr.String(), 2*time.Second)
 		if err != nil {
 			t.Fatalf("connect #%d: %v", i, err)
 		}

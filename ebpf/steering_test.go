@@ -66,8 +66,11 @@ func openSteering(t *testing.T, dir string) *Steering {
 // or IPv6 (IPv6-only) by addr.
 func listen(t *testing.T, addr netip.AddrPort) (int, netip.AddrPort) {
 	t.Helper()
-	family, sa := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()})
-	if addr.Addr().Is6() {
+	var family int
+	var sa unix.Sockaddr
+	if addr.Addr().Is4() {
+		family, sa = unix.AF_INET, &unix.SockaddrInet4{Port: int(addr.Port()), Addr: addr.Addr().As4()}
+	} else {
 		family, sa = unix.AF_INET6, &unix.SockaddrInet6{Port: int(addr.Port()), Addr: addr.Addr().As16()}
 	}
 	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -87,27 +86,23 @@ func benchIdle(args []string) error {
 	if err != nil {
 		return err
 	}
-	dir, err := os.MkdirTemp("", "shardgate-bench-")
+	procs, err := newBenchProcs("shardgate-bench-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	defer procs.stopAll(nil)
 
 	var cfg strings.Builder
 	proxyPort, adminPort := freePort(), freePort()
 	fmt.Fprintf(&cfg, "listen: [\"127.0.0.1:%d\"]\nadmin: \"127.0.0.1:%d\"\nshards: %d\nevent_loops: 2\nhealth: {type: tcp, interval: 1s}\nlog: {level: warn}\nbackends:\n  static:\n", proxyPort, adminPort, *backends)
-	brokers := benchProcs{dir: dir, ctx: ctx, cancel: cancel}
-	defer brokers.stopAll(nil)
 	for i := 0; i < *backends; i++ {
-		_, addr, err := brokers.startMosquitto(mq, i)
+		_, addr, err := procs.startMosquitto(mq, i)
 		if err != nil {
 			return err
 		}
 		fmt.Fprintf(&cfg, "    - {id: mosquitto-%d, address: %q, shard: %d}\n", i, addr, i)
 	}
-	cfgPath := filepath.Join(dir, "proxy.yaml")
+	cfgPath := filepath.Join(procs.dir, "proxy.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfg.String()), 0o644); err != nil {
 		return err
 	}
@@ -115,12 +110,10 @@ func benchIdle(args []string) error {
 	if err != nil {
 		return err
 	}
-	px := exec.CommandContext(ctx, self, "proxy", "--config", cfgPath)
-	px.Stderr = os.Stderr
-	if err := px.Start(); err != nil {
-		return fmt.Errorf("start proxy: %w", err)
+	px, err := procs.start(os.Stderr, self, "proxy", "--config", cfgPath)
+	if err != nil {
+		return err
 	}
-	defer func() { _ = px.Process.Kill(); _ = px.Wait() }()
 	admin := fmt.Sprintf("127.0.0.1:%d", adminPort)
 	if err := waitReady(admin, 10*time.Second); err != nil {
 		return fmt.Errorf("proxy: %w", err)

@@ -54,19 +54,20 @@ func benchPropagation(args []string) error {
 	if err != nil {
 		return err
 	}
-	dir, err := os.MkdirTemp("", "shardgate-bench-")
+	procs, err := newBenchProcs("shardgate-bench-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	defer procs.stopAll(nil)
+	ctx := procs.ctx
 
 	agent, stopAgent, err := startBenchConsul(ctx, consulBin)
 	if err != nil {
 		return err
 	}
-	defer stopAgent()
+	// The proxies and brokers go first (stopAll), so the agent's exit is
+	// not logged by proxies still watching it.
+	defer func() { procs.stopAll(nil); stopAgent() }()
 	cc := consulapi.DefaultConfig()
 	cc.Address = agent
 	client, err := consulapi.NewClient(cc)
@@ -79,21 +80,13 @@ func benchPropagation(args []string) error {
 	ids := []string{"bench-s0-a", "bench-s0-b"}
 	addrs := make([]string, len(ids))
 	for i, id := range ids {
-		port := freePort()
-		addrs[i] = "127.0.0.1:" + strconv.Itoa(port)
-		conf := filepath.Join(dir, id+".conf")
-		if err := os.WriteFile(conf, []byte(fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n", port)), 0o644); err != nil {
+		_, addr, err := procs.startMosquitto(mq, i)
+		if err != nil {
 			return err
 		}
-		cmd := exec.CommandContext(ctx, mq, "-c", conf)
-		if err := cmd.Start(); err != nil {
-			return fmt.Errorf("start mosquitto: %w", err)
-		}
-		defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-		if err := waitTCP(addrs[i], 5*time.Second); err != nil {
-			return fmt.Errorf("mosquitto %s: %w", id, err)
-		}
-		err := client.Agent().ServiceRegister(&consulapi.AgentServiceRegistration{
+		addrs[i] = addr.String()
+		port := int(addr.Port())
+		err = client.Agent().ServiceRegister(&consulapi.AgentServiceRegistration{
 			ID: id, Name: "mqtt-broker", Address: "127.0.0.1", Port: port,
 			Meta: map[string]string{"shard": "0", "shards": "1", "priority": strconv.Itoa(i)},
 			Check: &consulapi.AgentServiceCheck{
@@ -115,16 +108,13 @@ func benchPropagation(args []string) error {
 		admins[i] = "127.0.0.1:" + strconv.Itoa(freePort())
 		cfg := fmt.Sprintf("listen: [\"127.0.0.1:%d\"]\nadmin: %q\nshards: 1\nevent_loops: 1\nlog: {level: warn}\n"+
 			"backends:\n  consul: {address: %q, service: mqtt-broker}\n", freePort(), admins[i], agent)
-		path := filepath.Join(dir, fmt.Sprintf("proxy-%d.yaml", i))
+		path := filepath.Join(procs.dir, fmt.Sprintf("proxy-%d.yaml", i))
 		if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
 			return err
 		}
-		px := exec.CommandContext(ctx, self, "proxy", "--config", path)
-		px.Stderr = os.Stderr
-		if err := px.Start(); err != nil {
-			return fmt.Errorf("start proxy: %w", err)
+		if _, err := procs.start(os.Stderr, self, "proxy", "--config", path); err != nil {
+			return err
 		}
-		defer func() { _ = px.Process.Kill(); _ = px.Wait() }()
 		if err := waitReady(admins[i], 10*time.Second); err != nil {
 			return fmt.Errorf("proxy %d: %w", i, err)
 		}

@@ -7,7 +7,9 @@ import (
 	"sync"
 	"time"
 
+	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 // closeWriteTimeout bounds the DISCONNECT written to each client at close.
@@ -21,6 +23,7 @@ type listener struct {
 	id  string
 	ln  net.Listener
 	log *slog.Logger
+	srv *mqtt.Server // set when the listener is added to its server
 
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
@@ -130,7 +133,11 @@ func (l *listener) Close(closeClients listeners.CloseFn) {
 	}
 	l.mu.Unlock()
 
-	closeClients(l.id)
+	if l.srv != nil {
+		disconnectListenerClients(l.srv, l.id)
+	} else {
+		closeClients(l.id)
+	}
 
 	l.mu.Lock()
 	for conn := range l.conns {
@@ -138,6 +145,21 @@ func (l *listener) Close(closeClients listeners.CloseFn) {
 	}
 	l.mu.Unlock()
 	l.wg.Wait()
+}
+
+// disconnectListenerClients sends every client of the listener DISCONNECT
+// (server shutting down) and stops it. It replaces mochi's own
+// closeListenerClients, whose Clients.GetByListener read-locks the clients
+// map twice: a client leaving in between (Clients.Delete waiting for the
+// write lock) blocks the second read lock behind it, and the shutdown and
+// every disconnecting client wait for each other forever. GetAll takes the
+// lock once and returns a copy.
+func disconnectListenerClients(srv *mqtt.Server, id string) {
+	for _, cl := range srv.Clients.GetAll() {
+		if cl.Net.Listener == id && !cl.Closed() {
+			_ = srv.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		}
+	}
 }
 
 // wait returns when the accept loop and every connection goroutine have

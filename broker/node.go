@@ -151,6 +151,7 @@ func newNode(cfg nodeConfig) (*node, error) {
 		}
 	}
 	n.ln = newListener("shard"+strconv.Itoa(n.shard), cfg.Listener, cfg.Log)
+	n.ln.srv = n.srv
 	if err := n.srv.AddListener(n.ln); err != nil {
 		return nil, fmt.Errorf("shard %d: add listener: %w", n.shard, err)
 	}

@@ -97,6 +97,14 @@ type ConsulBackends struct {
 	WaitTime Duration `yaml:"wait_time"`
 }
 
+// DeferAccept is connect.defer_accept as a duration (0: off).
+func (c *Config) DeferAccept() time.Duration {
+	if c.Connect.DeferAccept == nil {
+		return DefaultDeferAccept
+	}
+	return c.Connect.DeferAccept.D()
+}
+
 // UsesConsul reports whether the backends come from Consul.
 func (c *Config) UsesConsul() bool { return c.Backends.Consul != nil }
 
@@ -150,6 +158,11 @@ type ConnectConfig struct {
 	// MaxClientIDLength refuses longer client IDs (CONNACK identifier
 	// rejected). Default 65535 (no limit beyond MQTT's own).
 	MaxClientIDLength int `yaml:"max_client_id_length"`
+	// DeferAccept has the kernel hand a new connection to the proxy only
+	// once its CONNECT bytes have arrived (TCP_DEFER_ACCEPT, whole
+	// seconds); a client silent that long is handed over anyway and the
+	// timeout above applies from then. Default 1s; 0s turns it off.
+	DeferAccept *Duration `yaml:"defer_accept"`
 }
 
 // AdmissionSettings configures admission control.
@@ -177,6 +190,10 @@ type DialSettings struct {
 	// connections to (IP_BIND_ADDRESS_NO_PORT), each bringing its own
 	// ephemeral port range. Default: none (the kernel chooses).
 	SourceAddresses []string `yaml:"source_addresses"`
+	// SmartConnect holds back the last ACK of the handshake with a broker
+	// so that it leaves with the replayed CONNECT (TCP_QUICKACK off before
+	// connect): one segment fewer per connect. Default true.
+	SmartConnect *bool `yaml:"smart_connect"`
 }
 
 // KeepaliveConfig configures idle enforcement.
@@ -344,6 +361,7 @@ const (
 	DefaultListen            = "0.0.0.0:1883"
 	DefaultAdmin             = "127.0.0.1:9883"
 	DefaultConnectTimeout    = 10 * time.Second
+	DefaultDeferAccept       = time.Second
 	DefaultConnectMaxSize    = 64 << 10
 	DefaultMaxClientIDLength = 65535
 	DefaultDialTimeout       = 5 * time.Second
@@ -403,6 +421,10 @@ func (c *Config) SetDefaults() {
 	}
 	if c.Connect.MaxClientIDLength == 0 {
 		c.Connect.MaxClientIDLength = DefaultMaxClientIDLength
+	}
+	if c.Connect.DeferAccept == nil {
+		d := Duration(DefaultDeferAccept)
+		c.Connect.DeferAccept = &d
 	}
 	if c.Admission.Burst == 0 && c.Admission.Rate > 0 {
 		c.Admission.Burst = max(1, int(c.Admission.Rate))
@@ -543,6 +565,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Connect.MaxClientIDLength < 1 || c.Connect.MaxClientIDLength > 65535 {
 		bad("connect.max_client_id_length", "%d is outside 1..65535", c.Connect.MaxClientIDLength)
+	}
+	if d := c.DeferAccept(); d < 0 || d > time.Hour {
+		bad("connect.defer_accept", "%v is outside 0s..1h", d)
 	}
 	if r := c.Admission.Rate; math.IsNaN(r) || math.IsInf(r, 0) || r < 0 {
 		bad("admission.rate", "%v is not a finite number >= 0", r)

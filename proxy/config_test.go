@@ -26,7 +26,9 @@ func TestConfigDefaults(t *testing.T) {
 		{"connect.timeout", c.Connect.Timeout.D(), 10 * time.Second},
 		{"connect.max_size", int(c.Connect.MaxSize), 64 << 10},
 		{"connect.max_client_id_length", c.Connect.MaxClientIDLength, 65535},
+		{"connect.defer_accept", c.DeferAccept(), time.Second},
 		{"dial.timeout", c.Dial.Timeout.D(), 5 * time.Second},
+		{"dial.smart_connect", c.Dial.SmartConnect == nil, true},
 		{"keepalive.factor", c.Keepalive.Factor, 1.5},
 		{"shutdown.grace", c.Shutdown.Grace.D(), 30 * time.Second},
 		{"admission.rate", c.Admission.Rate, 0.0},
@@ -59,9 +61,9 @@ func TestConfigValues(t *testing.T) {
 listen: ["127.0.0.1:1883", "[::1]:1883"]
 shards: 2
 no_instance: reject
-connect: {timeout: 500ms, max_size: 1MiB}
+connect: {timeout: 500ms, max_size: 1MiB, defer_accept: 0s}
 admission: {rate: 250.5}
-dial: {source_addresses: ["127.0.0.2", "::1"]}
+dial: {source_addresses: ["127.0.0.2", "::1"], smart_connect: false}
 backends:
   static:
     - {id: a, address: "127.0.0.1:1883", shard: 0}
@@ -72,6 +74,12 @@ backends:
 	}
 	if c.Connect.Timeout.D() != 500*time.Millisecond || c.Connect.MaxSize != 1<<20 {
 		t.Errorf("connect = %+v", c.Connect)
+	}
+	if c.DeferAccept() != 0 {
+		t.Errorf("connect.defer_accept = %v, want 0 (off)", c.DeferAccept())
+	}
+	if c.Dial.SmartConnect == nil || *c.Dial.SmartConnect {
+		t.Errorf("dial.smart_connect = %v, want false", c.Dial.SmartConnect)
 	}
 	if c.Admission.Burst != 250 {
 		t.Errorf("burst default = %d, want 250 (max(1, rate))", c.Admission.Burst)
@@ -105,6 +113,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{"empty_client_id: maybe\n" + ok, "empty_client_id"},
 		{"connect: {max_size: 8}\n" + ok, "connect.max_size"},
 		{"connect: {timeout: soon}\n" + ok, "not a duration"},
+		{"connect: {defer_accept: -1s}\n" + ok, "connect.defer_accept"},
 		{"connect: {max_size: 12XB}\n" + ok, "not a size"},
 		{"keepalive: {factor: 0.5}\n" + ok, "keepalive.factor"},
 		{"proxy_protocol: {send: v1}\n" + ok, "proxy_protocol.send"},

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -30,7 +31,16 @@ type listener struct {
 // IPv6 listeners set IPV6_V6ONLY so "[::]:1883" and "0.0.0.0:1883" can be
 // listed side by side. Listeners set TCP_NODELAY, which accepted sockets
 // inherit: MQTT packets are small and latency-bound.
-func listenSocket(addr netip.AddrPort) (int, netip.AddrPort, error) {
+//
+// A positive deferAccept sets TCP_DEFER_ACCEPT: the kernel completes the
+// handshake but hands the connection over only once its first bytes (the
+// CONNECT: an MQTT client always speaks first) have arrived, so the accept,
+// the first read and the CONNECT arrive in one wakeup, and a silent client
+// costs a request socket in the kernel instead of an fd and a loop turn. A
+// client still silent after about deferAccept is handed over anyway (Linux
+// counts it in SYN-ACK retransmissions), and connect.timeout applies from
+// then on.
+func listenSocket(addr netip.AddrPort, deferAccept time.Duration) (int, netip.AddrPort, error) {
 	family := unix.AF_INET
 	if addr.Addr().Is6() && !addr.Addr().Is4In6() {
 		family = unix.AF_INET6
@@ -56,6 +66,12 @@ func listenSocket(addr netip.AddrPort) (int, netip.AddrPort, error) {
 	}
 	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
 		return fail("TCP_NODELAY", err)
+	}
+	if deferAccept > 0 {
+		secs := int((deferAccept + time.Second - 1) / time.Second)
+		if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, secs); err != nil {
+			return fail("TCP_DEFER_ACCEPT", err)
+		}
 	}
 	if err := unix.Bind(fd, sockaddrOf(addr)); err != nil {
 		return fail("bind", err)

@@ -184,7 +184,8 @@ func New(o Options) (*Proxy, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	dialer, err := NewDialer(DialConfig{SourceAddrs: cfg.SourceAddrs(), Timeout: cfg.Dial.Timeout.D()})
+	dialer, err := NewDialer(DialConfig{SourceAddrs: cfg.SourceAddrs(), Timeout: cfg.Dial.Timeout.D(),
+		QuickAck: cfg.Dial.SmartConnect != nil && !*cfg.Dial.SmartConnect})
 	if err != nil {
 		return nil, fmt.Errorf("config: dial: %w", err)
 	}
@@ -237,7 +238,7 @@ func New(o Options) (*Proxy, error) {
 	for _, a := range cfg.ListenAddrs() {
 		bound := a
 		for i, l := range p.loops {
-			fd, got, err := listenSocket(bound)
+			fd, got, err := listenSocket(bound, cfg.DeferAccept())
 			if err != nil {
 				p.closeLoops()
 				return nil, fmt.Errorf("proxy: %w", err)
@@ -256,7 +257,7 @@ func New(o Options) (*Proxy, error) {
 	if cfg.VIP.Enabled() {
 		_, _, vaddr, _ := cfg.VIP.Parsed()
 		for i, l := range p.loops {
-			fd, got, err := listenSocket(vaddr)
+			fd, got, err := listenSocket(vaddr, cfg.DeferAccept())
 			if err != nil {
 				p.closeLoops()
 				return nil, fmt.Errorf("proxy: vip.listen: %w", err)

@@ -12,7 +12,7 @@ import (
 // A worker's published load counts the connections waiting in its accept
 // queues: queued reads them from the kernel.
 func TestQueuedCountsAcceptQueue(t *testing.T) {
-	fd, addr, err := listenSocket(netip.MustParseAddrPort("127.0.0.1:0"))
+	fd, addr, err := listenSocket(netip.MustParseAddrPort("127.0.0.1:0"), 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -64,9 +64,19 @@ type WorkerOptions struct {
 }
 
 // loadPublishEvery is how often a worker writes its connection count for
-// the steering program. The program also counts its own choices between
-// writes, so this only corrects for closes and handshakes that failed.
-const loadPublishEvery = 20 * time.Millisecond
+// the steering program while the count moves. The program also counts its
+// own choices between writes, so a write only corrects for closes and
+// handshakes that failed. After loadQuietWrites writes of the same count
+// the worker writes every loadPublishIdle instead: an idle worker then
+// wakes once a second, not fifty times (each wakeup also wakes the
+// runtime's monitor thread, which was most of an idle worker's CPU). New
+// connections need no faster write (the program counts them itself), and
+// the first count that differs brings the fast pace back.
+const (
+	loadPublishEvery = 20 * time.Millisecond
+	loadPublishIdle  = time.Second
+	loadQuietWrites  = 50
+)
 
 // Proxy states, in Proxy.state.
 const (
@@ -420,8 +430,9 @@ func (p *Proxy) insertWorker() string {
 // program until the worker stops accepting (handover or shutdown).
 func (p *Proxy) publishLoad() {
 	defer close(p.loadDone)
-	t := time.NewTicker(loadPublishEvery)
+	t := time.NewTimer(loadPublishEvery)
 	defer t.Stop()
+	last, same := -1, 0
 	for {
 		select {
 		case <-p.loadStop:
@@ -442,7 +453,22 @@ func (p *Proxy) publishLoad() {
 				p.acceptLog.Log(context.Background(), slog.LevelWarn, "steering load", "eBPF steering: worker load not written", "err", err)
 			}
 		}
+		if n != last {
+			last, same = n, 0
+		} else {
+			same++
+		}
+		t.Reset(loadPublishPace(same))
 	}
+}
+
+// loadPublishPace is the wait before the next load write after same
+// writes of an unchanged count.
+func loadPublishPace(same int) time.Duration {
+	if same >= loadQuietWrites {
+		return loadPublishIdle
+	}
+	return loadPublishEvery
 }
 
 // queued is how many connections wait in the accept queues of the

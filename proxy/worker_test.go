@@ -37,3 +37,21 @@ func TestQueuedCountsAcceptQueue(t *testing.T) {
 	}
 	t.Fatalf("queued over the listener twice = %d, want 14 (7 waiting connections each)", n)
 }
+
+// TestLoadPublishPace: a worker writes its load every 20 ms while it moves
+// and once a second after a second of the same count.
+func TestLoadPublishPace(t *testing.T) {
+	for _, tc := range []struct {
+		same int
+		want time.Duration
+	}{
+		{0, 20 * time.Millisecond},
+		{loadQuietWrites - 1, 20 * time.Millisecond},
+		{loadQuietWrites, time.Second},
+		{10 * loadQuietWrites, time.Second},
+	} {
+		if got := loadPublishPace(tc.same); got != tc.want {
+			t.Errorf("after %d unchanged writes: next in %v, want %v", tc.same, got, tc.want)
+		}
+	}
+}

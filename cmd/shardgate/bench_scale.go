@@ -252,6 +252,10 @@ type scalePerDevice struct {
 	KeepaliveCPU, ConnectCPU time.Duration
 }
 
+// scaleSteady is how long after the workers serve the no-device window
+// starts.
+const scaleSteady = 2 * time.Second
+
 func runScaleHold(ctx context.Context, env *scaleEnv, cfg *scaleConfig, logf func(string, ...any)) (scaleHold, error) {
 	var h scaleHold
 	base, err := env.sampleScale(cfg.Settle)
@@ -264,6 +268,10 @@ func runScaleHold(ctx context.Context, env *scaleEnv, cfg *scaleConfig, logf fun
 		return h, err
 	}
 	if cfg.IdleWindow > 0 {
+		// A worker writes its steering load every 20 ms for its first
+		// second, then once a second while its count stands still, as
+		// it does through the hold: measure the steady state.
+		time.Sleep(time.Until(env.up.Add(scaleSteady)))
 		c0, err := cpuOf(pids)
 		if err != nil {
 			return h, err

@@ -29,7 +29,8 @@ type scaleEnv struct {
 	admin   string // the supervisor's admin address
 	workers int
 	loops   int
-	sources []string // dial.source_addresses
+	sources []string  // dial.source_addresses
+	up      time.Time // when every worker served
 }
 
 // startScaleEnv starts b Mosquitto brokers, one shard each, with their
@@ -132,6 +133,7 @@ func (e *scaleEnv) startProxy(workers, loops int, sources []string, rate float64
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	e.up = time.Now()
 	// The health checks must have seen every broker before devices come.
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		c, err := connectMQTT(e.listen, "scale-probe")

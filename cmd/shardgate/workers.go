@@ -289,6 +289,13 @@ func runSupervisor(cfg *proxy.Config, args []string, n int, log *slog.Logger, up
 
 	backoff := make([]time.Duration, n)
 	restart := make(chan int, n)
+	// A restart's spawn runs beside this loop (it may take up to
+	// workerReadyWait), so signals are handled meanwhile; its worker
+	// joins when it serves, and is told at once of a stop, handover or
+	// reload that came in between.
+	respawned := make(chan spawned, n)
+	pending, hups := 0, 0
+	done := func() bool { return s.running() == 0 && pending == 0 }
 	for {
 		select {
 		case ex := <-s.exits:
@@ -300,7 +307,7 @@ func runSupervisor(cfg *proxy.Config, args []string, n int, log *slog.Logger, up
 			s.mu.Unlock()
 			s.retire(ex.w)
 			if s.stopping.Load() || s.handedOver.Load() {
-				if s.running() == 0 {
+				if done() {
 					log.Info("shardgate proxy stopped: every worker exited")
 					return nil
 				}
@@ -329,16 +336,49 @@ func runSupervisor(cfg *proxy.Config, args []string, n int, log *slog.Logger, up
 				continue
 			}
 			s.restarts.WithLabelValues(strconv.Itoa(i)).Inc()
-			if err := s.start(i); err != nil {
-				log.Error("worker restart failed; trying again", "worker", i, "err", err)
-				d := backoff[i]
-				backoff[i] = min(max(2*d, workerBackoffMin), workerBackoffMax)
-				time.AfterFunc(d, func() { restart <- i })
+			pending++
+			go func(h int) {
+				wp, err := s.spawn(i)
+				respawned <- spawned{index: i, wp: wp, err: err, hups: h}
+			}(hups)
+		case sp := <-respawned:
+			pending--
+			i := sp.index
+			if sp.err == nil {
+				select {
+				case <-sp.wp.done:
+					sp.err = errors.New("worker exited right after it said it serves")
+				default:
+				}
 			}
+			if sp.err == nil {
+				s.register(sp.wp)
+				switch {
+				case s.handedOver.Load():
+					s.signal(sp.wp, syscall.SIGUSR1)
+				case s.stopping.Load():
+					s.signal(sp.wp, syscall.SIGTERM)
+				case sp.hups != hups:
+					s.signal(sp.wp, syscall.SIGHUP)
+				}
+				continue
+			}
+			if s.stopping.Load() || s.handedOver.Load() {
+				if done() {
+					log.Info("shardgate proxy stopped: every worker exited")
+					return nil
+				}
+				continue
+			}
+			log.Error("worker restart failed; trying again", "worker", i, "err", sp.err)
+			d := backoff[i]
+			backoff[i] = min(max(2*d, workerBackoffMin), workerBackoffMax)
+			time.AfterFunc(d, func() { restart <- i })
 		case sig := <-sigs:
 			switch sig {
 			case syscall.SIGHUP:
 				log.Info("SIGHUP: reloading every worker")
+				hups++
 				s.signalAll(syscall.SIGHUP)
 			case syscall.SIGUSR2:
 				up.startNext(log)
@@ -354,7 +394,7 @@ func runSupervisor(cfg *proxy.Config, args []string, n int, log *slog.Logger, up
 				deregister = func() {}
 				log.Info("handed over to the next generation: workers stop accepting and finish their devices", "active", s.active())
 				s.signalAll(syscall.SIGUSR1)
-				if s.running() == 0 {
+				if done() {
 					return nil
 				}
 			default:
@@ -364,7 +404,7 @@ func runSupervisor(cfg *proxy.Config, args []string, n int, log *slog.Logger, up
 				deregister()
 				log.Info("stopping: workers stop accepting and wait for connected devices", "signal", sig.String(), "grace", cfg.Shutdown.Grace.D(), "active", s.active())
 				s.signalAll(syscall.SIGTERM)
-				if s.running() == 0 {
+				if done() {
 					return nil
 				}
 				// A worker that outlives its grace by far is stuck.
@@ -433,9 +473,21 @@ func (s *supervisor) closeSteering() {
 
 // start starts worker i and waits until it serves.
 func (s *supervisor) start(i int) error {
-	r, w, err := os.Pipe()
+	wp, err := s.spawn(i)
 	if err != nil {
 		return err
+	}
+	s.register(wp)
+	return nil
+}
+
+// spawn starts worker i and waits until it says it serves; it does not
+// make it one of the supervisor's workers (register does). It runs outside
+// the supervisor's loop for a restart, so signals are handled meanwhile.
+func (s *supervisor) spawn(i int) (*workerProc, error) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, err
 	}
 	defer r.Close()
 	cmd := exec.Command(s.exe, append([]string{"proxy"}, s.args...)...)
@@ -453,7 +505,7 @@ func (s *supervisor) start(i int) error {
 	err = <-req.err
 	w.Close()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	wp := &workerProc{index: i, pid: cmd.Process.Pid, started: time.Now(), done: make(chan struct{})}
 	go func() {
@@ -465,14 +517,27 @@ func (s *supervisor) start(i int) error {
 	var b [1]byte
 	if _, err := io.ReadFull(r, b[:]); err != nil {
 		cmd.Process.Kill()
-		return fmt.Errorf("worker did not start (see its log): %w", err)
+		return nil, fmt.Errorf("worker did not start (see its log): %w", err)
 	}
+	return wp, nil
+}
+
+// register makes a spawned worker one of the supervisor's: signalled,
+// scraped and restarted from now on.
+func (s *supervisor) register(wp *workerProc) {
 	s.mu.Lock()
-	s.workers[i] = wp
+	s.workers[wp.index] = wp
 	s.mu.Unlock()
 	s.setSources()
-	s.log.Info("worker serving", "worker", i, "pid", wp.pid, "generation", s.gen)
-	return nil
+	s.log.Info("worker serving", "worker", wp.index, "pid", wp.pid, "generation", s.gen)
+}
+
+// spawned is the outcome of a restart's spawn.
+type spawned struct {
+	index int
+	wp    *workerProc
+	err   error
+	hups  int // SIGHUPs the supervisor had passed on when the spawn began
 }
 
 // retire folds a dead worker's counters into the carry, so the summed
@@ -516,9 +581,13 @@ func (s *supervisor) running() int { return len(s.live()) }
 
 func (s *supervisor) signalAll(sig syscall.Signal) {
 	for _, w := range s.live() {
-		if err := syscall.Kill(w.pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
-			s.log.Warn("signal to worker", "worker", w.index, "pid", w.pid, "signal", sig.String(), "err", err)
-		}
+		s.signal(w, sig)
+	}
+}
+
+func (s *supervisor) signal(w *workerProc, sig syscall.Signal) {
+	if err := syscall.Kill(w.pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
+		s.log.Warn("signal to worker", "worker", w.index, "pid", w.pid, "signal", sig.String(), "err", err)
 	}
 }
 

@@ -109,3 +109,86 @@ func TestE2EVIPWithWorkers(t *testing.T) {
 		t.Errorf("worker 0 was not restarted")
 	}
 }
+
+// TestE2EVIPUpgrade: an upgrade (SIGUSR2) of a proxy serving a VIP, in a
+// test network namespace. Devices keep connecting to the VIP through the
+// handover and none fails; devices held through the VIP stay with the old
+// generation; once the old generation has exited, the new one's VIP
+// program and listeners serve alone.
+func TestE2EVIPUpgrade(t *testing.T) {
+	bin := buildShardgate(t)
+	e2eEnterNetns(t)
+	if out, err := exec.Command("ip", "route", "add", "local", "10.99.0.0/28", "dev", "lo").CombinedOutput(); err != nil {
+		t.Fatalf("ip route add local 10.99.0.0/28: %v: %s", err, out)
+	}
+	ms := e2eBrokers(t, 1)
+	cfg := e2eFleetOf(t, ms)
+	cfg.grace = e2eUpgradeGrace
+	cfg.admin = "off"
+	vipListen := fmt.Sprintf("127.0.0.1:%d", freePort())
+	px := &e2eProxy{mqtt: cfg.listen, cfgPath: filepath.Join(t.TempDir(), "proxy.yaml")}
+	px.writeConfig(t, cfg.yaml()+fmt.Sprintf("reuseport: {pin_dir: %q}\nvip: {prefixes: [\"10.99.0.0/28\"], ports: [\"1883\"], listen: %q}\n", e2eUpgradePinDir(t), vipListen))
+	px.e2eProcess = e2eStart(t, "shardgate proxy (netns, VIP)", bin, "proxy", "--config", px.cfgPath)
+	t.Cleanup(func() { _ = px.cmd.Process.Signal(syscall.SIGTERM) })
+	line := px.waitLog(t, e2eWait, "event loops running")
+	if !strings.Contains(line, "ebpf generation 1") || strings.Contains(line, "vip=off") {
+		e2ePrivileged(t, "the proxy runs without eBPF steering or VIP: %s", line)
+	}
+	px.waitLog(t, e2eWait, "shardgate proxy started")
+	// The health checks must have seen the broker.
+	e2eWaitFor(t, "a device through the VIP", e2eWait, func() (bool, string) {
+		err := e2eRawConnect("10.99.0.2:1883", "e2e-vipupg-probe")
+		return err == nil, fmt.Sprint(err)
+	})
+	held := e2eHoldDevices(t, "10.99.0.3:1883", "e2e-vipupg-held", 200)
+
+	// Connects from this goroutine only: its thread is the one in the
+	// namespace. ~100/s for 2 s before the upgrade and 3 s after.
+	var total, failed int
+	var samples []string
+	connect := func(d time.Duration) {
+		for end := time.Now().Add(d); time.Now().Before(end); total++ {
+			addr := fmt.Sprintf("10.99.0.%d:1883", 1+total%14)
+			if err := e2eRawConnect(addr, fmt.Sprintf("e2e-vipupg-%d", total)); err != nil {
+				failed++
+				if len(samples) < 5 {
+					samples = append(samples, err.Error())
+				}
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	connect(2 * time.Second)
+	px.signal(t, syscall.SIGUSR2)
+	line = px.waitLog(t, e2eWait, "started the next generation")
+	if m := regexp.MustCompile(`pid=(\d+)`).FindStringSubmatch(line); m != nil {
+		pid, _ := strconv.Atoi(m[1])
+		t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	}
+	connect(3 * time.Second)
+	px.waitLog(t, e2eWait, "handed over to the next generation")
+	alive := e2eAlive(held)
+	t.Logf("VIP upgrade: %d of %d connects failed %v, %d of %d held devices dropped", failed, total, samples, len(held)-alive, len(held))
+	if failed != 0 || alive != len(held) {
+		t.Errorf("VIP upgrade lost %d connects and %d held devices; want none", failed, len(held)-alive)
+	}
+	// The old generation exits once its devices leave; the VIP then
+	// reaches the new generation's listeners through its own program.
+	for _, h := range held {
+		h.c.Close()
+	}
+	px.waitLog(t, e2eWait, "shardgate proxy stopped")
+	e2eWaitFor(t, "the old generation exits", e2eWait, func() (bool, string) {
+		err := syscall.Kill(px.pid(), 0)
+		return err == syscall.ESRCH, fmt.Sprint(err)
+	})
+	after := 0
+	for i := range 50 {
+		if err := e2eRawConnect(fmt.Sprintf("10.99.0.%d:1883", 1+i%14), fmt.Sprintf("e2e-vipupg-after-%d", i)); err != nil {
+			t.Errorf("device %d to the VIP after the old generation exited: %v", i, err)
+			continue
+		}
+		after++
+	}
+	t.Logf("after the old generation exited: %d of 50 devices through the VIP", after)
+}

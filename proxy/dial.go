@@ -93,8 +93,8 @@ func NewDialer(cfg DialConfig) (*Dialer, error) {
 func (d *Dialer) Timeout() time.Duration { return d.timeout }
 
 // Start creates a nonblocking, close-on-exec TCP socket, sets TCP_NODELAY
-// (MQTT packets are small and latency matters more than segment count),
-// binds it to the next source address of dst's family with
+// (MQTT packets are small and latency matters more than segment count) and,
+// unless DialConfig.QuickAck, turns TCP_QUICKACK off, binds it to the next source address of dst's family with
 // IP_BIND_ADDRESS_NO_PORT, and starts connect(2).
 //
 // IP_BIND_ADDRESS_NO_PORT defers the choice of the local port from bind to

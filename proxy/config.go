@@ -105,6 +105,14 @@ func (c *Config) DeferAccept() time.Duration {
 	return c.Connect.DeferAccept.D()
 }
 
+// CloseWait is dial.close_wait as a duration (0: off).
+func (c *Config) CloseWait() time.Duration {
+	if c.Dial.CloseWait == nil {
+		return DefaultCloseWait
+	}
+	return c.Dial.CloseWait.D()
+}
+
 // UsesConsul reports whether the backends come from Consul.
 func (c *Config) UsesConsul() bool { return c.Backends.Consul != nil }
 
@@ -194,6 +202,15 @@ type DialSettings struct {
 	// so that it leaves with the replayed CONNECT (TCP_QUICKACK off before
 	// connect): one segment fewer per connect. Default true.
 	SmartConnect *bool `yaml:"smart_connect"`
+	// CloseWait is how long, after a device's DISCONNECT and FIN, the proxy
+	// waits for the broker to close first (a broker closes the connection
+	// on DISCONNECT) before it passes the FIN on itself. The side that
+	// closes first keeps the connection's TIME_WAIT for a minute: this way
+	// it is the broker's listening port, not one of the proxy's ephemeral
+	// ports towards the broker, which churning devices would otherwise
+	// use up (~28k per source address and broker). Default 2s; 0s passes
+	// the FIN at once.
+	CloseWait *Duration `yaml:"close_wait"`
 }
 
 // KeepaliveConfig configures idle enforcement.
@@ -365,6 +382,7 @@ const (
 	DefaultConnectMaxSize    = 64 << 10
 	DefaultMaxClientIDLength = 65535
 	DefaultDialTimeout       = 5 * time.Second
+	DefaultCloseWait         = 2 * time.Second
 	DefaultKeepaliveFactor   = 1.5
 	DefaultShutdownGrace     = 30 * time.Second
 	DefaultReuseportPinDir   = "/sys/fs/bpf/shardgate"
@@ -425,6 +443,10 @@ func (c *Config) SetDefaults() {
 	if c.Connect.DeferAccept == nil {
 		d := Duration(DefaultDeferAccept)
 		c.Connect.DeferAccept = &d
+	}
+	if c.Dial.CloseWait == nil {
+		d := Duration(DefaultCloseWait)
+		c.Dial.CloseWait = &d
 	}
 	if c.Admission.Burst == 0 && c.Admission.Rate > 0 {
 		c.Admission.Burst = max(1, int(c.Admission.Rate))
@@ -568,6 +590,9 @@ func (c *Config) Validate() error {
 	}
 	if d := c.DeferAccept(); d < 0 || d > time.Hour {
 		bad("connect.defer_accept", "%v is outside 0s..1h", d)
+	}
+	if d := c.CloseWait(); d < 0 || d > time.Minute {
+		bad("dial.close_wait", "%v is outside 0s..1m", d)
 	}
 	if r := c.Admission.Rate; math.IsNaN(r) || math.IsInf(r, 0) || r < 0 {
 		bad("admission.rate", "%v is not a finite number >= 0", r)

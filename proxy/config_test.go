@@ -29,6 +29,7 @@ func TestConfigDefaults(t *testing.T) {
 		{"connect.defer_accept", c.DeferAccept(), time.Second},
 		{"dial.timeout", c.Dial.Timeout.D(), 5 * time.Second},
 		{"dial.smart_connect", c.Dial.SmartConnect == nil, true},
+		{"dial.close_wait", c.CloseWait(), 2 * time.Second},
 		{"keepalive.factor", c.Keepalive.Factor, 1.5},
 		{"shutdown.grace", c.Shutdown.Grace.D(), 30 * time.Second},
 		{"admission.rate", c.Admission.Rate, 0.0},
@@ -63,7 +64,7 @@ shards: 2
 no_instance: reject
 connect: {timeout: 500ms, max_size: 1MiB, defer_accept: 0s}
 admission: {rate: 250.5}
-dial: {source_addresses: ["127.0.0.2", "::1"], smart_connect: false}
+dial: {source_addresses: ["127.0.0.2", "::1"], smart_connect: false, close_wait: 0s}
 backends:
   static:
     - {id: a, address: "127.0.0.1:1883", shard: 0}
@@ -77,6 +78,9 @@ backends:
 	}
 	if c.DeferAccept() != 0 {
 		t.Errorf("connect.defer_accept = %v, want 0 (off)", c.DeferAccept())
+	}
+	if c.CloseWait() != 0 {
+		t.Errorf("dial.close_wait = %v, want 0 (off)", c.CloseWait())
 	}
 	if c.Dial.SmartConnect == nil || *c.Dial.SmartConnect {
 		t.Errorf("dial.smart_connect = %v, want false", c.Dial.SmartConnect)
@@ -114,6 +118,7 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 		{"connect: {max_size: 8}\n" + ok, "connect.max_size"},
 		{"connect: {timeout: soon}\n" + ok, "not a duration"},
 		{"connect: {defer_accept: -1s}\n" + ok, "connect.defer_accept"},
+		{"dial: {close_wait: 2m}\n" + ok, "dial.close_wait"},
 		{"connect: {max_size: 12XB}\n" + ok, "not a size"},
 		{"keepalive: {factor: 0.5}\n" + ok, "keepalive.factor"},
 		{"proxy_protocol: {send: v1}\n" + ok, "proxy_protocol.send"},

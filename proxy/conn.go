@@ -621,9 +621,22 @@ func (l *loop) passFIN(c *conn, up bool) {
 	if up {
 		dst, flag, other = c.bk, fUpShut, fDownShut
 	}
-	if c.flags&other != 0 {
-		c.flags |= flag
+	if c.flags&other != 0 || !up && c.closeWaiting() {
+		// Both peers have sent their FIN (in close_wait the device's
+		// is still to pass on, and the close sends it).
+		c.flags |= fUpShut | fDownShut
 		l.closeConn(c)
+		return
+	}
+	if up && c.flags&flag == 0 && l.p.set.closeWait > 0 &&
+		c.upF.AtBoundary() && c.upF.LastType() == mqttwire.DISCONNECT {
+		// The device said goodbye, so the broker closes now, and the
+		// side that closes first keeps the connection's TIME_WAIT:
+		// let it be the broker's, not one of the proxy's ports
+		// towards it. The broker's FIN closes the connection (the
+		// branch above); if it has not come within close_wait, the
+		// timer passes the device's on (closeWaitOver).
+		l.wheel.reset(&c.timer, l.now+1+l.p.set.closeWait)
 		return
 	}
 	if c.flags&flag == 0 {
@@ -636,6 +649,25 @@ func (l *loop) passFIN(c *conn, up bool) {
 	if c.flags&(fUpShut|fDownShut) == fUpShut|fDownShut {
 		l.closeConn(c)
 	}
+}
+
+// closeWaiting reports whether the device has sent its FIN after a
+// DISCONNECT and the proxy holds it back while the broker closes (passFIN):
+// otherwise a device FIN with nothing pending upstream is passed on at once.
+func (c *conn) closeWaiting() bool {
+	return c.flags&(fUpEOF|fUpShut) == fUpEOF && c.up == nil
+}
+
+// closeWaitOver passes on the device's FIN that close_wait held back: the
+// broker did not close in that time. The connection goes on as any
+// half-closed one, under its keepalive timer.
+func (l *loop) closeWaitOver(c *conn) {
+	c.flags |= fUpShut
+	if err := sysShutdown(int(c.bk), unix.SHUT_WR); err != nil {
+		l.closeConn(c)
+		return
+	}
+	l.wheel.reset(&c.timer, c.idleDue())
 }
 
 // syncInterest sets both fds' epoll interest from the relay state: read a
@@ -832,12 +864,19 @@ func (l *loop) expire(t *timer) {
 			l.closeConn(c)
 			return
 		}
+		if c.closeWaiting() {
+			l.closeWaitOver(c)
+			return
+		}
 		if due := c.idleDue(); int32(due-l.now) > 0 {
 			// The device spoke since the timer was set.
 			l.wheel.add(t, due)
 			return
 		}
-		l.idleCloses++
+		if c.flags&fUpEOF == 0 {
+			// A device that closed its side is not idle.
+			l.idleCloses++
+		}
 		l.closeConn(c)
 	case stLinger, stDrained:
 		l.closeConn(c)

@@ -99,6 +99,7 @@ type settings struct {
 	proxyV2      bool    // proxy_protocol.send: v2
 	drainBroker  bool    // drain.disconnect_broker
 	drainDevice5 bool    // drain.disconnect_device_v5
+	closeWait    uint32  // dial.close_wait in ticks; 0 = pass the FIN at once
 }
 
 func newSettings(cfg *Config, d *Dialer) settings {
@@ -106,6 +107,7 @@ func newSettings(cfg *Config, d *Dialer) settings {
 		connectTicks: max(ticksFor(cfg.Connect.Timeout.D()), 1),
 		dialTicks:    max(ticksFor(d.Timeout()), 1),
 		maxIdleTicks: ticksFor(cfg.Keepalive.MaxIdle.D()),
+		closeWait:    ticksFor(cfg.CloseWait()),
 		kaFactor:     cfg.Keepalive.Factor,
 		maxConnect:   int(cfg.Connect.MaxSize),
 		maxClientID:  cfg.Connect.MaxClientIDLength,

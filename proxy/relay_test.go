@@ -15,6 +15,13 @@ import (
 	"github.com/shardgate/shardgate/mqttwire"
 )
 
+// noCloseWait passes a device's FIN after its DISCONNECT on at once
+// (dial.close_wait 0s), for raw backends that do not close on DISCONNECT.
+func noCloseWait(c *Config) {
+	d := Duration(0)
+	c.Dial.CloseWait = &d
+}
+
 // oneRawBackend starts a proxy in front of one raw TCP backend.
 func oneRawBackend(t *testing.T, config func(*Config)) (*testProxy, *rawBackend) {
 	t.Helper()
@@ -360,7 +367,7 @@ func TestFramingCounts(t *testing.T) {
 // sends its last packet and its FIN together, which epoll reports with
 // EPOLLRDHUP, so the FIN is taken without a read returning 0.
 func TestLastFINIsNotAReset(t *testing.T) {
-	p, b := oneRawBackend(t, nil)
+	p, b := oneRawBackend(t, noCloseWait)
 	connack := []byte{0x20, 0x02, 0x00, 0x00}
 	disconnect := []byte{0xe0, 0x00}
 	for _, devLast := range []bool{true, false} {
@@ -489,7 +496,9 @@ func TestDeviceSpeaksDuringDial(t *testing.T) {
 // EOF, every time. Edge-triggered sockets must not lose the FIN queued
 // behind data the loop had not consumed yet.
 func TestConnectDisconnectAndFINAtOnce(t *testing.T) {
-	p, b := oneRawBackend(t, nil)
+	// This raw broker does not close on DISCONNECT: the device's FIN is
+	// to pass on at once, not after dial.close_wait.
+	p, b := oneRawBackend(t, noCloseWait)
 	for i := range 50 {
 		dev := dialProxy(t, p.addr)
 		want := append(connectPacket(mqttwire.Level311, "fin-at-once-"+itoa(i), 0), 0xe0, 0x00)

@@ -90,8 +90,10 @@ func TestCloseWaitLeavesTimeWaitToBroker(t *testing.T) {
 			if tc.wait > 0 && (proxySide != 0 || brokerSide < devices) {
 				t.Errorf("with close_wait: %d TIME_WAITs on the proxy's side, %d on the broker's; want 0 and %d", proxySide, brokerSide, devices)
 			}
-			if tc.wait == 0 && proxySide < devices/2 {
-				t.Errorf("without close_wait: %d TIME_WAITs on the proxy's side, want most of %d", proxySide, devices)
+			if tc.wait == 0 && proxySide == 0 {
+				// The proxy passes the FIN at once, so it closes
+				// first unless the broker has already closed.
+				t.Errorf("without close_wait: no TIME_WAIT on the proxy's side of %d connections", devices)
 			}
 			if v := testutil.ToFloat64(px.metrics.IdleCloses); v != 0 {
 				t.Errorf("idle closes %v: a device that closed is not idle", v)

@@ -69,16 +69,17 @@ func TestDialSmartConnectSavesASegment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Several rounds: a connect that the scheduler delays past the held
-	// ACK's timer (40 ms or more) would send it alone once in a while.
+	// Several rounds: a write that the scheduler delays past the held
+	// ACK's timer (40 ms or more) sends it alone once in a while, so most
+	// rounds, not every one, must save the segment.
 	var s, q uint32
 	for range 5 {
 		s += brokerSegsIn(t, smart)
 		q += brokerSegsIn(t, quick)
 	}
 	t.Logf("segments received by the broker in 5 connects: smart %d, quick ACK %d", s, q)
-	if s+5 > q {
-		t.Errorf("smart connect: %d segments in 5 connects, want at least 5 fewer than the %d with quick ACKs", s, q)
+	if s+3 > q {
+		t.Errorf("smart connect: %d segments in 5 connects, want at least 3 fewer than the %d with quick ACKs", s, q)
 	}
 }
 
@@ -108,9 +109,13 @@ func TestDeferAcceptHoldsSilentClients(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			time.Sleep(300 * time.Millisecond)
-			if got := px.Active(); got != tc.want {
-				t.Fatalf("silent client: the proxy owns %d connections, want %d", got, tc.want)
+			if tc.want == 1 {
+				eventually(t, "the proxy owns the silent client", func() bool { return px.Active() == 1 })
+			} else {
+				time.Sleep(300 * time.Millisecond)
+				if got := px.Active(); got != 0 {
+					t.Fatalf("silent client: the proxy owns %d connections after 300 ms, want 0", got)
+				}
 			}
 			if _, err := c.Write(connectPacket(mqttwire.Level311, "dev-1", 60)); err != nil {
 				t.Fatal(err)

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"os"
@@ -121,7 +122,9 @@ func TestCloseWaitBrokerThatStaysOpen(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dev := dialProxy(t, p.addr)
-			connect := connectPacket(mqttwire.Level311, "cw-open-"+tc.name, 30)
+			// Keepalive 0: no timer of its own closes the half-closed
+			// connection afterwards.
+			connect := connectPacket(mqttwire.Level311, "cw-open-"+tc.name, 0)
 			if _, err := dev.Write(connect); err != nil {
 				t.Fatal(err)
 			}
@@ -156,6 +159,17 @@ func TestCloseWaitBrokerThatStaysOpen(t *testing.T) {
 			}
 			if !tc.held && took >= wait-tickDuration {
 				t.Errorf("FIN without DISCONNECT passed after %v, want at once", took)
+			}
+			// Half-closed as any: what the broker still sends reaches
+			// the device, however long it takes.
+			time.Sleep(3 * tickDuration)
+			if _, err := bk.Write([]byte{0xd0, 0x00}); err != nil {
+				t.Fatal(err)
+			}
+			_ = bk.CloseWrite()
+			_ = dev.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if b, err := io.ReadAll(dev); err != nil || !bytes.Equal(b, []byte{0xd0, 0x00}) {
+				t.Errorf("the device read % x, %v after its FIN; want d0 00 and EOF", b, err)
 			}
 		})
 	}

@@ -660,14 +660,14 @@ func (c *conn) closeWaiting() bool {
 
 // closeWaitOver passes on the device's FIN that close_wait held back: the
 // broker did not close in that time. The connection goes on as any
-// half-closed one, under its keepalive timer.
+// half-closed one, under its keepalive timer (none for keepalive 0).
 func (l *loop) closeWaitOver(c *conn) {
 	c.flags |= fUpShut
 	if err := sysShutdown(int(c.bk), unix.SHUT_WR); err != nil {
 		l.closeConn(c)
 		return
 	}
-	l.wheel.reset(&c.timer, c.idleDue())
+	l.armKeepalive(c)
 }
 
 // syncInterest sets both fds' epoll interest from the relay state: read a

@@ -33,6 +33,25 @@ func e2eEnterNetns(t *testing.T) {
 	}
 }
 
+// e2eVIPProxy moves the test into its own network namespace, routes the
+// VIP 10.99.0.0/28 to it, starts one Mosquitto and writes the config of a
+// proxy in front of it that serves the VIP on port 1883 (admin off,
+// steering pinned under the test's own directory); the caller starts it.
+func e2eVIPProxy(t *testing.T, grace string) *e2eProxy {
+	t.Helper()
+	e2eEnterNetns(t)
+	if out, err := exec.Command("ip", "route", "add", "local", "10.99.0.0/28", "dev", "lo").CombinedOutput(); err != nil {
+		t.Fatalf("ip route add local 10.99.0.0/28: %v: %s", err, out)
+	}
+	cfg := e2eFleetOf(t, e2eBrokers(t, 1))
+	cfg.grace = grace
+	cfg.admin = "off"
+	vipListen := fmt.Sprintf("127.0.0.1:%d", freePort())
+	px := &e2eProxy{mqtt: cfg.listen, cfgPath: filepath.Join(t.TempDir(), "proxy.yaml")}
+	px.writeConfig(t, cfg.yaml()+fmt.Sprintf("reuseport: {pin_dir: %q}\nvip: {prefixes: [\"10.99.0.0/28\"], ports: [\"1883\"], listen: %q}\n", e2eUpgradePinDir(t), vipListen))
+	return px
+}
+
 // TestE2EVIPWithWorkers: the SK_LOOKUP VIP through `proxy --workers 2`:
 // every worker attaches its own program for the VIP, all assigning the
 // workers' VIP listeners (one SO_REUSEPORT group), so devices reach the
@@ -41,17 +60,7 @@ func e2eEnterNetns(t *testing.T) {
 // worker is killed and restarted.
 func TestE2EVIPWithWorkers(t *testing.T) {
 	bin := buildShardgate(t)
-	e2eEnterNetns(t)
-	if out, err := exec.Command("ip", "route", "add", "local", "10.99.0.0/28", "dev", "lo").CombinedOutput(); err != nil {
-		t.Fatalf("ip route add local 10.99.0.0/28: %v: %s", err, out)
-	}
-	ms := e2eBrokers(t, 1)
-	cfg := e2eFleetOf(t, ms)
-	cfg.grace = "2s"
-	cfg.admin = "off"
-	vipListen := fmt.Sprintf("127.0.0.1:%d", freePort())
-	px := &e2eProxy{mqtt: cfg.listen, cfgPath: filepath.Join(t.TempDir(), "proxy.yaml")}
-	px.writeConfig(t, cfg.yaml()+fmt.Sprintf("reuseport: {pin_dir: %q}\nvip: {prefixes: [\"10.99.0.0/28\"], ports: [\"1883\"], listen: %q}\n", e2eUpgradePinDir(t), vipListen))
+	px := e2eVIPProxy(t, "2s")
 	px.e2eProcess = e2eStart(t, "shardgate proxy --workers 2 (netns)", bin, "proxy", "--config", px.cfgPath, "--workers", "2")
 	t.Cleanup(func() { _ = px.cmd.Process.Signal(syscall.SIGTERM) })
 	line := px.waitLog(t, e2eWait, "shardgate proxy started", "workers=2")
@@ -117,17 +126,7 @@ func TestE2EVIPWithWorkers(t *testing.T) {
 // program and listeners serve alone.
 func TestE2EVIPUpgrade(t *testing.T) {
 	bin := buildShardgate(t)
-	e2eEnterNetns(t)
-	if out, err := exec.Command("ip", "route", "add", "local", "10.99.0.0/28", "dev", "lo").CombinedOutput(); err != nil {
-		t.Fatalf("ip route add local 10.99.0.0/28: %v: %s", err, out)
-	}
-	ms := e2eBrokers(t, 1)
-	cfg := e2eFleetOf(t, ms)
-	cfg.grace = e2eUpgradeGrace
-	cfg.admin = "off"
-	vipListen := fmt.Sprintf("127.0.0.1:%d", freePort())
-	px := &e2eProxy{mqtt: cfg.listen, cfgPath: filepath.Join(t.TempDir(), "proxy.yaml")}
-	px.writeConfig(t, cfg.yaml()+fmt.Sprintf("reuseport: {pin_dir: %q}\nvip: {prefixes: [\"10.99.0.0/28\"], ports: [\"1883\"], listen: %q}\n", e2eUpgradePinDir(t), vipListen))
+	px := e2eVIPProxy(t, e2eUpgradeGrace)
 	px.e2eProcess = e2eStart(t, "shardgate proxy (netns, VIP)", bin, "proxy", "--config", px.cfgPath)
 	t.Cleanup(func() { _ = px.cmd.Process.Signal(syscall.SIGTERM) })
 	line := px.waitLog(t, e2eWait, "event loops running")

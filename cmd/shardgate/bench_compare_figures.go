@@ -34,7 +34,7 @@ var compareFigures = []cmpFigure{
 // the proxy's and the brokers' CPU per 1000 connects.
 func figConnectCPU(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMetrics, error) {
 	pids := e.brokerPids()
-	p0, b0, err := cpuPair(t.pid, pids)
+	c0, err := sampleCmpCPU(t.pid, pids)
 	if err != nil {
 		return nil, err
 	}
@@ -56,18 +56,19 @@ func figConnectCPU(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMet
 	if err := e.quiesce(t); err != nil {
 		return nil, err
 	}
-	p1, b1, err := cpuPair(t.pid, pids)
+	c1, err := sampleCmpCPU(t.pid, pids)
 	if err != nil {
 		return nil, err
 	}
 	ok := float64(cfg.connects - failed)
 	m := cmpMetrics{
-		"broker_ms": ms(b1-b0) * 1000 / ok,
+		"broker_ms": ms(c1.broker-c0.broker) * 1000 / ok,
 		"rate":      ok / elapsed.Seconds(),
 		"failed":    float64(failed),
 	}
 	if t.pid != 0 {
-		m["proxy_ms"] = ms(p1-p0) * 1000 / ok
+		m["proxy_ms"] = ms(c1.proxy-c0.proxy) * 1000 / ok
+		m["proxy_sys_ms"] = ms(c1.proxySys-c0.proxySys) * 1000 / ok
 	}
 	return m, nil
 }
@@ -106,7 +107,7 @@ func figMessageCPU(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMet
 		go countPublishes(c, &received)
 	}
 	pids := e.brokerPids()
-	p0, b0, err := cpuPair(t.pid, pids)
+	c0, err := sampleCmpCPU(t.pid, pids)
 	if err != nil {
 		return nil, err
 	}
@@ -137,7 +138,7 @@ func figMessageCPU(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMet
 	for deadline := time.Now().Add(10 * time.Second); received.Load() < total && time.Now().Before(deadline); {
 		time.Sleep(5 * time.Millisecond)
 	}
-	p1, b1, err := cpuPair(t.pid, pids)
+	c1, err := sampleCmpCPU(t.pid, pids)
 	if err != nil {
 		return nil, err
 	}
@@ -146,12 +147,13 @@ func figMessageCPU(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMet
 		return nil, fmt.Errorf("%d of %d messages arrived", got, total)
 	}
 	m := cmpMetrics{
-		"broker_s":  ms(b1-b0) / 1000 * 100000 / float64(total),
+		"broker_s":  ms(c1.broker-c0.broker) / 1000 * 100000 / float64(total),
 		"rate":      float64(total) / elapsed.Seconds(),
 		"delivered": 100 * float64(got) / float64(total),
 	}
 	if t.pid != 0 {
-		m["proxy_s"] = ms(p1-p0) / 1000 * 100000 / float64(total)
+		m["proxy_s"] = ms(c1.proxy-c0.proxy) / 1000 * 100000 / float64(total)
+		m["proxy_sys_s"] = ms(c1.proxySys-c0.proxySys) / 1000 * 100000 / float64(total)
 	}
 	return m, nil
 }
@@ -371,15 +373,20 @@ func figStorm(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMetrics,
 	}, nil
 }
 
-// cpuPair reads the proxy's CPU (0 without a proxy) and the brokers' sum.
-func cpuPair(pid int, brokers []int) (proxy, broker time.Duration, err error) {
+// cpuSample is the proxy's CPU (zero without a proxy), the kernel's part
+// of it, and the brokers' sum, at one moment.
+type cpuSample struct{ proxy, proxySys, broker time.Duration }
+
+func sampleCmpCPU(pid int, brokers []int) (c cpuSample, err error) {
 	if pid != 0 {
-		if proxy, err = procCPU(pid); err != nil {
-			return 0, 0, err
+		user, sys, err := procTimes(pid)
+		if err != nil {
+			return c, err
 		}
+		c.proxy, c.proxySys = user+sys, sys
 	}
-	broker, err = cpuOf(brokers)
-	return proxy, broker, err
+	c.broker, err = cpuOf(brokers)
+	return c, err
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

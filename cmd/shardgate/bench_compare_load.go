@@ -180,9 +180,15 @@ func forEach(n, inflight int, do func(i int) error) (int, error) {
 // procCPU is the user+system CPU the process has used, all threads
 // included (/proc/<pid>/stat utime and stime, in clock ticks of 10 ms).
 func procCPU(pid int) (time.Duration, error) {
+	user, sys, err := procTimes(pid)
+	return user + sys, err
+}
+
+// procTimes is the process's user and system CPU apart (procCPU).
+func procTimes(pid int) (user, sys time.Duration, err error) {
 	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	// The command name is in parentheses and may contain spaces: the
 	// fields that follow start after the last ')'. Fields 14 and 15
@@ -190,15 +196,15 @@ func procCPU(pid int) (time.Duration, error) {
 	i := strings.LastIndexByte(string(raw), ')')
 	f := strings.Fields(string(raw[i+1:]))
 	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+		return 0, 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
 	}
 	ut, err1 := strconv.ParseInt(f[11], 10, 64)
 	st, err2 := strconv.ParseInt(f[12], 10, 64)
 	if err := errors.Join(err1, err2); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	const tick = 10 * time.Millisecond // USER_HZ is 100 on Linux
-	return time.Duration(ut+st) * tick, nil
+	return time.Duration(ut) * tick, time.Duration(st) * tick, nil
 }
 
 // cpuOf sums procCPU over pids.

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -62,12 +63,13 @@ func benchCompare(args []string) error {
 	fs.IntVar(&cfg.msgRate, "msg-rate", 20000, "QoS 0 messages per second, all publishers together")
 	fs.IntVar(&cfg.msgPublishers, "msg-devices", 100, "devices of the message figure, each publishing on its own topic and subscribed to it")
 	fs.DurationVar(&cfg.msgTime, "msg-time", 5*time.Second, "how long the publishers publish")
+	figures := fs.String("figures", "", "measure only these figures, comma-separated (connect, messages, idle, latency, storm; default all): the others read \"not measured\"")
 	steps := fs.String("idle-steps", "0,2000,5000,9500", "idle connection counts to measure memory at; the first is the baseline")
 	fs.IntVar(&cfg.idleParallel, "idle-parallel", 64, "connects in flight while filling an idle step")
 	fs.DurationVar(&cfg.settle, "settle", 2*time.Second, "wait after a GC (shardgate) or the last connect (HAProxy) before reading RSS")
-	fs.IntVar(&cfg.pingRate, "ping-rate", 200, "ping-pong messages per second for the latency figure")
-	fs.IntVar(&cfg.pingDevices, "ping-devices", 4, "devices sharing the ping-pong rate")
-	fs.DurationVar(&cfg.pingTime, "ping-time", 30*time.Second, "how long the ping-pong runs (30 s at 200 msg/s: 6000 round trips, so p99 rests on 60 of them)")
+	fs.IntVar(&cfg.pingRate, "ping-rate", 200, "ping-pong messages per second per target for the latency figure (the targets take turns)")
+	fs.IntVar(&cfg.pingDevices, "ping-devices", 4, "devices per target sharing its ping-pong rate")
+	fs.DurationVar(&cfg.pingTime, "ping-time", 30*time.Second, "how long the ping-pong runs, all targets in turn (30 s at 200 msg/s: 6000 round trips per target, so p99 rests on 60 of them)")
 	fs.IntVar(&cfg.storm, "storm", 5000, "devices connecting at once in the connect storm")
 	fs.IntVar(&cfg.stormInflight, "storm-inflight", 512, "connects in flight in the connect storm")
 	if err := fs.Parse(args); err != nil {
@@ -109,6 +111,10 @@ func benchCompare(args []string) error {
 	if *imgDir == "" && *out != "" {
 		*imgDir = filepath.Dir(*out)
 	}
+	figs, err := compareFiguresNamed(*figures)
+	if err != nil {
+		return err
+	}
 	mq, err := findMosquitto(*mosquittoFlag)
 	if err != nil {
 		return err
@@ -127,7 +133,21 @@ func benchCompare(args []string) error {
 
 	res := newCompareResults()
 	for run := 0; run < cfg.runs; run++ {
-		for _, fig := range compareFigures {
+		for _, fig := range figs {
+			if fig.runAll != nil {
+				fmt.Fprintf(os.Stderr, "run %d/%d: %s through every target, interleaved\n", run+1, cfg.runs, fig.name)
+				ms, err := fig.runAll(env, &cfg, run)
+				if err != nil {
+					return fmt.Errorf("%s (run %d): %w", fig.name, run+1, err)
+				}
+				for _, t := range env.targets {
+					res.add(fig.key, t.name, ms[t.name])
+					if err := env.quiesce(t); err != nil {
+						return fmt.Errorf("after %s through %s: %w", fig.name, t.name, err)
+					}
+				}
+				continue
+			}
 			for _, t := range env.targets {
 				if fig.proxyOnly && t.pid == 0 {
 					continue
@@ -170,6 +190,29 @@ func benchCompare(args []string) error {
 		return os.WriteFile(*out, []byte(text), 0o644)
 	}
 	return nil
+}
+
+// compareFiguresNamed is the figures of a --figures list, in their usual
+// order; all of them for an empty list.
+func compareFiguresNamed(list string) ([]cmpFigure, error) {
+	if strings.TrimSpace(list) == "" {
+		return compareFigures, nil
+	}
+	want := map[string]bool{}
+	for _, k := range strings.Split(list, ",") {
+		k = strings.TrimSpace(k)
+		if !slices.ContainsFunc(compareFigures, func(f cmpFigure) bool { return f.key == k }) {
+			return nil, fmt.Errorf("--figures: no figure %q (connect, messages, idle, latency, storm)", k)
+		}
+		want[k] = true
+	}
+	var out []cmpFigure
+	for _, f := range compareFigures {
+		if want[f.key] {
+			out = append(out, f)
+		}
+	}
+	return out, nil
 }
 
 func findHAProxy(flagPath string) (string, error) {

@@ -20,13 +20,16 @@ type cmpFigure struct {
 	// proxyOnly figures have nothing to measure without a proxy.
 	proxyOnly bool
 	run       func(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMetrics, error)
+	// runAll, when set instead of run, measures every target in one go,
+	// their work interleaved, and returns the figures by target name.
+	runAll func(e *cmpEnv, cfg *compareConfig, run int) (map[string]cmpMetrics, error)
 }
 
 var compareFigures = []cmpFigure{
 	{key: "connect", name: "connect CPU", run: figConnectCPU},
 	{key: "messages", name: "message CPU", run: figMessageCPU},
 	{key: "idle", name: "idle memory", proxyOnly: true, run: figIdleMemory},
-	{key: "latency", name: "ping-pong latency", run: figLatency},
+	{key: "latency", name: "ping-pong latency", runAll: figLatency},
 	{key: "storm", name: "connect storm", run: figStorm},
 }
 
@@ -261,73 +264,94 @@ func figIdleMemory(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMet
 }
 
 // figLatency: devices each publish to their own topic and wait for the
-// message to come back through the same target, paced to a light total
-// rate; percentiles of the round trip.
-func figLatency(e *cmpEnv, t *cmpTarget, cfg *compareConfig, run int) (cmpMetrics, error) {
-	k := cfg.pingDevices
-	interval := time.Duration(float64(time.Second) * float64(k) / float64(cfg.pingRate))
+// message to come back through the same target, paced to a light rate per
+// target; percentiles of the round trip. The targets take turns ping by
+// ping, one round trip at a time, so a burst of noise on a shared machine
+// (a stolen core, a host's timer) lands on each of them alike instead of
+// on whichever had the machine to itself for that half minute.
+func figLatency(e *cmpEnv, cfg *compareConfig, run int) (map[string]cmpMetrics, error) {
+	k, nt := cfg.pingDevices, len(e.targets)
+	interval := time.Duration(float64(time.Second) / float64(cfg.pingRate*nt))
 	count := int(cfg.pingTime / interval)
-	var mu sync.Mutex
-	var samples []time.Duration
-	_, err := forEach(k, k, func(i int) error {
-		id := fmt.Sprintf("cmp-l%d-%s-%d", run, t.name, i)
-		c, err := cmpConnect(e.addr(t, id), id)
-		if err != nil {
-			return err
+	pingers := make([][]*pinger, nt)
+	defer func() {
+		for _, ps := range pingers {
+			for _, p := range ps {
+				p.c.disconnect()
+			}
 		}
-		defer c.disconnect()
-		topic := "cmp/l/" + id
-		if err := c.subscribe(topic); err != nil {
-			return err
+	}()
+	for ti, t := range e.targets {
+		for i := range k {
+			id := fmt.Sprintf("cmp-l%d-%s-%d", run, t.name, i)
+			c, err := cmpConnect(e.addr(t, id), id)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", t.name, err)
+			}
+			p := &pinger{c: c, topic: "cmp/l/" + id, payload: make([]byte, 32)}
+			pingers[ti] = append(pingers[ti], p)
+			if err := c.subscribe(p.topic); err != nil {
+				return nil, fmt.Errorf("%s: %w", t.name, err)
+			}
 		}
-		rtts, err := pingPong(c, topic, count, time.Now().Add(interval*time.Duration(i)/time.Duration(k)), interval)
-		mu.Lock()
-		samples = append(samples, rtts...)
-		mu.Unlock()
-		return err
-	})
-	if err != nil {
-		return nil, err
 	}
-	sortDurations(samples)
-	return cmpMetrics{
-		"p50":     ms(percentile(samples, 50)),
-		"p90":     ms(percentile(samples, 90)),
-		"p99":     ms(percentile(samples, 99)),
-		"p999":    ms(percentile(samples, 99.9)),
-		"samples": float64(len(samples)),
-	}, nil
-}
-
-func pingPong(c *cmpConn, topic string, count int, first time.Time, interval time.Duration) ([]time.Duration, error) {
-	out := make([]time.Duration, 0, count)
-	var pkt, buf []byte
-	payload := make([]byte, 32)
-	for k := range count {
-		if d := time.Until(first.Add(interval * time.Duration(k))); d > 0 {
+	samples := make([][]time.Duration, nt)
+	first := time.Now()
+	for s := range count {
+		if d := time.Until(first.Add(interval * time.Duration(s))); d > 0 {
 			time.Sleep(d)
 		}
-		seq := strconv.Itoa(k)
-		copy(payload, seq)
-		pkt = appendPublish(pkt[:0], topic, payload)
-		_ = c.SetDeadline(time.Now().Add(cmpIOTimeout))
-		sentAt := time.Now()
-		if _, err := c.Write(pkt); err != nil {
-			return out, err
+		ti := s % nt
+		rtt, err := pingers[ti][(s/nt)%k].ping(s)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", e.targets[ti].name, err)
 		}
-		for {
-			typ, body, err := c.readPacket(buf)
-			if err != nil {
-				return out, fmt.Errorf("ping %d: %w", k, err)
-			}
-			buf = body[:0]
-			if p := publishPayload(body); typ == mqttwire.PUBLISH && len(p) >= len(seq) && string(p[:len(seq)]) == seq && (len(p) == len(seq) || p[len(seq)] == 0) {
-				out = append(out, time.Since(sentAt))
-				break
-			}
+		samples[ti] = append(samples[ti], rtt)
+	}
+	out := make(map[string]cmpMetrics, nt)
+	for ti, t := range e.targets {
+		sortDurations(samples[ti])
+		out[t.name] = cmpMetrics{
+			"p50":     ms(percentile(samples[ti], 50)),
+			"p90":     ms(percentile(samples[ti], 90)),
+			"p99":     ms(percentile(samples[ti], 99)),
+			"p999":    ms(percentile(samples[ti], 99.9)),
+			"samples": float64(len(samples[ti])),
 		}
 	}
 	return out, nil
+}
+
+// pinger is a device of the latency figure, subscribed to its own topic.
+type pinger struct {
+	c        *cmpConn
+	topic    string
+	payload  []byte
+	pkt, buf []byte
+}
+
+// ping publishes seq to the pinger's topic and returns the time until the
+// message comes back.
+func (p *pinger) ping(seq int) (time.Duration, error) {
+	ss := strconv.Itoa(seq)
+	copy(p.payload, ss)
+	clear(p.payload[len(ss):])
+	p.pkt = appendPublish(p.pkt[:0], p.topic, p.payload)
+	_ = p.c.SetDeadline(time.Now().Add(cmpIOTimeout))
+	sentAt := time.Now()
+	if _, err := p.c.Write(p.pkt); err != nil {
+		return 0, err
+	}
+	for {
+		typ, body, err := p.c.readPacket(p.buf)
+		if err != nil {
+			return 0, fmt.Errorf("ping %d: %w", seq, err)
+		}
+		p.buf = body[:0]
+		if b := publishPayload(body); typ == mqttwire.PUBLISH && len(b) >= len(ss) && string(b[:len(ss)]) == ss && (len(b) == len(ss) || b[len(ss)] == 0) {
+			return time.Since(sentAt), nil
+		}
+	}
 }
 
 // figStorm: devices connect at once, many in flight, and stay; the time

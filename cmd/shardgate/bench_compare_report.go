@@ -133,7 +133,14 @@ func times(v float64) string {
 	return strconv.FormatFloat(v, 'f', 2, 64) + "×"
 }
 
-func metOr(ok bool) string {
+// metOr says whether a goal is met; "not measured" when one of the figures
+// it compares is missing (a figure left out with --figures).
+func metOr(ok bool, figures ...float64) string {
+	for _, v := range figures {
+		if math.IsNaN(v) {
+			return "not measured"
+		}
+	}
 	if ok {
 		return "**met**"
 	}
@@ -167,81 +174,94 @@ func (c *compareReport) markdown() string {
 	hs, ss := r.median("storm", "haproxy", "p99"), r.median("storm", "shardgate", "p99")
 	p("## Targets (shardgate against HAProxy in the same run)\n\n")
 	p("| figure | HAProxy | shardgate | shardgate / HAProxy | goal | |\n|---|---:|---:|---:|---|---|\n")
-	p("| proxy CPU per 1000 connects | %s | %s | %s | ≤ 0.8× | %s |\n", withUnit(hc, "ms"), withUnit(sc, "ms"), times(ratio(sc, hc)), metOr(ratio(sc, hc) <= 0.8))
-	p("| proxy CPU per 100k messages at %d msg/s | %s | %s | %s | ≤ 0.8× | %s |\n", cfg.msgRate, withUnit(hm, "s"), withUnit(sm, "s"), times(ratio(sm, hm)), metOr(ratio(sm, hm) <= 0.8))
-	p("| proxy RSS per idle connection (at %d) | %s | %s, %s fds | %s | ≤ 0.25× with 2 fds | %s |\n", last, withUnit(hr, "B"), withUnit(sr, "B"), fnum(sfd), times(ratio(sr, hr)), metOr(ratio(sr, hr) <= 0.25 && sfd <= 2.05))
-	p("| added p99 latency at %d msg/s | %s | %s | %s | ≤ HAProxy's | %s |\n", cfg.pingRate, signed(hl, "ms"), signed(sl, "ms"), times(ratio(sl, hl)), metOr(sl <= hl))
-	p("| connect storm CONNACK p99 (%d in flight) | %s | %s | %s | ≤ HAProxy's | %s |\n\n", cfg.stormInflight, withUnit(hs, "ms"), withUnit(ss, "ms"), times(ratio(ss, hs)), metOr(ss <= hs))
+	p("| proxy CPU per 1000 connects | %s | %s | %s | ≤ 0.8× | %s |\n", withUnit(hc, "ms"), withUnit(sc, "ms"), times(ratio(sc, hc)), metOr(ratio(sc, hc) <= 0.8, sc, hc))
+	p("| proxy CPU per 100k messages at %d msg/s | %s | %s | %s | ≤ 0.8× | %s |\n", cfg.msgRate, withUnit(hm, "s"), withUnit(sm, "s"), times(ratio(sm, hm)), metOr(ratio(sm, hm) <= 0.8, sm, hm))
+	p("| proxy RSS per idle connection (at %d) | %s | %s, %s fds | %s | ≤ 0.25× with 2 fds | %s |\n", last, withUnit(hr, "B"), withUnit(sr, "B"), fnum(sfd), times(ratio(sr, hr)), metOr(ratio(sr, hr) <= 0.25 && sfd <= 2.05, sr, hr, sfd))
+	p("| added p99 latency at %d msg/s | %s | %s | %s | ≤ HAProxy's | %s |\n", cfg.pingRate, signed(hl, "ms"), signed(sl, "ms"), times(ratio(sl, hl)), metOr(sl <= hl, sl, hl))
+	p("| connect storm CONNACK p99 (%d in flight) | %s | %s | %s | ≤ HAProxy's | %s |\n\n", cfg.stormInflight, withUnit(hs, "ms"), withUnit(ss, "ms"), times(ratio(ss, hs)), metOr(ss <= hs, ss, hs))
 
 	targets := []string{"direct", "haproxy", "shardgate"}
+	// A figure left out with --figures has no section.
+	measured := func(fig string) bool { return r.runs[fig] != nil }
 
-	p("## 1. Proxy CPU per 1000 connects\n\n")
-	p("%d devices, %d in flight, each CONNECT→CONNACK→DISCONNECT then close; CPU from before the first connect until the proxy has closed the last connection.\n\n", cfg.connects, cfg.connectInflight)
-	p("| target | proxy CPU per 1000 connects | of it in the kernel | brokers' CPU per 1000 connects | connects/s | failed |\n|---|---:|---:|---:|---:|---:|\n")
-	for _, t := range targets {
-		p("| %s | %s | %s | %s | %s | %s |\n", t, withUnit(r.median("connect", t, "proxy_ms"), "ms"), withUnit(r.median("connect", t, "proxy_sys_ms"), "ms"),
-			withUnit(r.median("connect", t, "broker_ms"), "ms"), fnum(r.median("connect", t, "rate")), fnum(r.median("connect", t, "failed")))
-	}
-	p("\nshardgate / HAProxy: %s.\n\n", times(ratio(sc, hc)))
-
-	p("## 2. Proxy CPU per 100k QoS 0 messages at a fixed rate\n\n")
-	p("%d devices, each publishing on its own topic and subscribed to it, all through the target, paced to %d msg/s in total for %s (64-byte payloads), "+
-		"so every message crosses the proxy twice, as from a publisher to a subscriber; "+
-		"CPU from the first publish until every message has come back.\n\n", cfg.msgPublishers, cfg.msgRate, cfg.msgTime)
-	p("| target | proxy CPU per 100k messages | of it in the kernel | brokers' CPU per 100k messages | achieved msg/s | delivered |\n|---|---:|---:|---:|---:|---:|\n")
-	for _, t := range targets {
-		p("| %s | %s | %s | %s | %s | %s%% |\n", t, withUnit(r.median("messages", t, "proxy_s"), "s"), withUnit(r.median("messages", t, "proxy_sys_s"), "s"),
-			withUnit(r.median("messages", t, "broker_s"), "s"), fnum(r.median("messages", t, "rate")), fnum(r.median("messages", t, "delivered")))
-	}
-	p("\nshardgate / HAProxy: %s.\n\n", times(ratio(sm, hm)))
-
-	p("## 3. Idle memory and fds per connection\n\n")
-	p("Idle devices (keepalive 0) held in steps of %s; at each step, after a GC for shardgate (`/debug/pprof/heap?gc=1`) and %s, "+
-		"VmRSS and RssAnon from `/proc/<pid>/status` and the fds in `/proc/<pid>/fd`. Per connection = (value at N − value at %d) / (N − %d). "+
-		"Each run measures a newly started proxy process (HAProxy keeps the memory of earlier connections in its pools). Direct has no proxy. The last step stays under half the open-files limit of one process (%s).\n\n",
-		joinInts(cfg.idleSteps), cfg.settle, cfg.idleSteps[0], cfg.idleSteps[0], "two sockets per device")
-	p("| target | RSS per connection (at %d) | RssAnon per connection | fds per connection | RSS at %d |\n|---|---:|---:|---:|---:|\n", last, last)
-	for _, t := range targets[1:] {
-		p("| %s | %s | %s | %s | %s |\n", t, withUnit(r.median("idle", t, "rss@"+lastK), "B"), withUnit(r.median("idle", t, "anon@"+lastK), "B"),
-			fnum(r.median("idle", t, "fdsper@"+lastK)), withUnit(r.median("idle", t, "rss_kib@"+lastK), "KiB"))
-	}
-	p("\nshardgate / HAProxy RSS per connection: %s.\n\n", times(ratio(sr, hr)))
-	p("| connections | HAProxy RSS | HAProxy per connection | shardgate RSS | shardgate per connection |\n|---:|---:|---:|---:|---:|\n")
-	for _, n := range cfg.idleSteps {
-		k := strconv.Itoa(n)
-		p("| %d | %s | %s | %s | %s |\n", n, withUnit(r.median("idle", "haproxy", "rss_kib@"+k), "KiB"), withUnit(r.median("idle", "haproxy", "rss@"+k), "B"),
-			withUnit(r.median("idle", "shardgate", "rss_kib@"+k), "KiB"), withUnit(r.median("idle", "shardgate", "rss@"+k), "B"))
-	}
-	p("\n")
-
-	p("## 4. Latency at light load\n\n")
-	p("%d devices, each publishing to its own topic and waiting for the message to come back through the same target, %d msg/s in total for %s; "+
-		"round trip from the write to the receipt. Added = target − direct in the same run.\n\n", cfg.pingDevices, cfg.pingRate, cfg.pingTime)
-	p("| target | p50 | p90 | p99 | p99.9 | added p50 | added p99 | samples |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
-	for _, t := range targets {
-		a50, a99 := math.NaN(), math.NaN()
-		if t != "direct" {
-			a50, a99 = r.medianAdded("latency", t, "p50"), r.medianAdded("latency", t, "p99")
+	if measured("connect") {
+		p("## 1. Proxy CPU per 1000 connects\n\n")
+		p("%d devices, %d in flight, each CONNECT→CONNACK→DISCONNECT then close; CPU from before the first connect until the proxy has closed the last connection.\n\n", cfg.connects, cfg.connectInflight)
+		p("| target | proxy CPU per 1000 connects | of it in the kernel | brokers' CPU per 1000 connects | connects/s | failed |\n|---|---:|---:|---:|---:|---:|\n")
+		for _, t := range targets {
+			p("| %s | %s | %s | %s | %s | %s |\n", t, withUnit(r.median("connect", t, "proxy_ms"), "ms"), withUnit(r.median("connect", t, "proxy_sys_ms"), "ms"),
+				withUnit(r.median("connect", t, "broker_ms"), "ms"), fnum(r.median("connect", t, "rate")), fnum(r.median("connect", t, "failed")))
 		}
-		p("| %s | %s | %s | %s | %s | %s | %s | %s |\n", t, withUnit(r.median("latency", t, "p50"), "ms"), withUnit(r.median("latency", t, "p90"), "ms"),
-			withUnit(r.median("latency", t, "p99"), "ms"), withUnit(r.median("latency", t, "p999"), "ms"), signed(a50, "ms"), signed(a99, "ms"),
-			fnum(r.median("latency", t, "samples")))
+		p("\nshardgate / HAProxy: %s.\n\n", times(ratio(sc, hc)))
 	}
-	p("\nshardgate / HAProxy added p99: %s.\n\n", times(ratio(sl, hl)))
 
-	p("## 5. Connect storm\n\n")
-	p("%d devices connect with %d in flight and stay connected; time from dial to CONNACK of each.\n\n", cfg.storm, cfg.stormInflight)
-	p("| target | CONNACK p50 | CONNACK p99 | max | all connected in | failed | p99 vs direct |\n|---|---:|---:|---:|---:|---:|---:|\n")
-	dp99 := r.median("storm", "direct", "p99")
-	for _, t := range targets {
-		vs := "–"
-		if t != "direct" {
-			vs = times(ratio(r.median("storm", t, "p99"), dp99))
+	if measured("messages") {
+		p("## 2. Proxy CPU per 100k QoS 0 messages at a fixed rate\n\n")
+		p("%d devices, each publishing on its own topic and subscribed to it, all through the target, paced to %d msg/s in total for %s (64-byte payloads), "+
+			"so every message crosses the proxy twice, as from a publisher to a subscriber; "+
+			"CPU from the first publish until every message has come back.\n\n", cfg.msgPublishers, cfg.msgRate, cfg.msgTime)
+		p("| target | proxy CPU per 100k messages | of it in the kernel | brokers' CPU per 100k messages | achieved msg/s | delivered |\n|---|---:|---:|---:|---:|---:|\n")
+		for _, t := range targets {
+			p("| %s | %s | %s | %s | %s | %s%% |\n", t, withUnit(r.median("messages", t, "proxy_s"), "s"), withUnit(r.median("messages", t, "proxy_sys_s"), "s"),
+				withUnit(r.median("messages", t, "broker_s"), "s"), fnum(r.median("messages", t, "rate")), fnum(r.median("messages", t, "delivered")))
 		}
-		p("| %s | %s | %s | %s | %s | %s | %s |\n", t, withUnit(r.median("storm", t, "p50"), "ms"), withUnit(r.median("storm", t, "p99"), "ms"),
-			withUnit(r.median("storm", t, "max"), "ms"), withUnit(r.median("storm", t, "total_s"), "s"), fnum(r.median("storm", t, "failed")), vs)
+		p("\nshardgate / HAProxy: %s.\n\n", times(ratio(sm, hm)))
 	}
-	p("\nshardgate / HAProxy p99: %s.\n", times(ratio(ss, hs)))
+
+	if measured("idle") {
+		p("## 3. Idle memory and fds per connection\n\n")
+		p("Idle devices (keepalive 0) held in steps of %s; at each step, after a GC for shardgate (`/debug/pprof/heap?gc=1`) and %s, "+
+			"VmRSS and RssAnon from `/proc/<pid>/status` and the fds in `/proc/<pid>/fd`. Per connection = (value at N − value at %d) / (N − %d). "+
+			"Each run measures a newly started proxy process (HAProxy keeps the memory of earlier connections in its pools). Direct has no proxy. The last step stays under half the open-files limit of one process (%s).\n\n",
+			joinInts(cfg.idleSteps), cfg.settle, cfg.idleSteps[0], cfg.idleSteps[0], "two sockets per device")
+		p("| target | RSS per connection (at %d) | RssAnon per connection | fds per connection | RSS at %d |\n|---|---:|---:|---:|---:|\n", last, last)
+		for _, t := range targets[1:] {
+			p("| %s | %s | %s | %s | %s |\n", t, withUnit(r.median("idle", t, "rss@"+lastK), "B"), withUnit(r.median("idle", t, "anon@"+lastK), "B"),
+				fnum(r.median("idle", t, "fdsper@"+lastK)), withUnit(r.median("idle", t, "rss_kib@"+lastK), "KiB"))
+		}
+		p("\nshardgate / HAProxy RSS per connection: %s.\n\n", times(ratio(sr, hr)))
+		p("| connections | HAProxy RSS | HAProxy per connection | shardgate RSS | shardgate per connection |\n|---:|---:|---:|---:|---:|\n")
+		for _, n := range cfg.idleSteps {
+			k := strconv.Itoa(n)
+			p("| %d | %s | %s | %s | %s |\n", n, withUnit(r.median("idle", "haproxy", "rss_kib@"+k), "KiB"), withUnit(r.median("idle", "haproxy", "rss@"+k), "B"),
+				withUnit(r.median("idle", "shardgate", "rss_kib@"+k), "KiB"), withUnit(r.median("idle", "shardgate", "rss@"+k), "B"))
+		}
+		p("\n")
+	}
+
+	if measured("latency") {
+		p("## 4. Latency at light load\n\n")
+		p("%d devices per target, each publishing to its own topic and waiting for the message to come back through the same target, %d msg/s per target for %s; "+
+			"round trip from the write to the receipt. The targets take turns ping by ping, one round trip at a time, so noise on the shared machine falls on all alike. "+
+			"Added = target − direct in the same run.\n\n", cfg.pingDevices, cfg.pingRate, cfg.pingTime)
+		p("| target | p50 | p90 | p99 | p99.9 | added p50 | added p99 | samples |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+		for _, t := range targets {
+			a50, a99 := math.NaN(), math.NaN()
+			if t != "direct" {
+				a50, a99 = r.medianAdded("latency", t, "p50"), r.medianAdded("latency", t, "p99")
+			}
+			p("| %s | %s | %s | %s | %s | %s | %s | %s |\n", t, withUnit(r.median("latency", t, "p50"), "ms"), withUnit(r.median("latency", t, "p90"), "ms"),
+				withUnit(r.median("latency", t, "p99"), "ms"), withUnit(r.median("latency", t, "p999"), "ms"), signed(a50, "ms"), signed(a99, "ms"),
+				fnum(r.median("latency", t, "samples")))
+		}
+		p("\nshardgate / HAProxy added p99: %s.\n\n", times(ratio(sl, hl)))
+	}
+
+	if measured("storm") {
+		p("## 5. Connect storm\n\n")
+		p("%d devices connect with %d in flight and stay connected; time from dial to CONNACK of each.\n\n", cfg.storm, cfg.stormInflight)
+		p("| target | CONNACK p50 | CONNACK p99 | max | all connected in | failed | p99 vs direct |\n|---|---:|---:|---:|---:|---:|---:|\n")
+		dp99 := r.median("storm", "direct", "p99")
+		for _, t := range targets {
+			vs := "–"
+			if t != "direct" {
+				vs = times(ratio(r.median("storm", t, "p99"), dp99))
+			}
+			p("| %s | %s | %s | %s | %s | %s | %s |\n", t, withUnit(r.median("storm", t, "p50"), "ms"), withUnit(r.median("storm", t, "p99"), "ms"),
+				withUnit(r.median("storm", t, "max"), "ms"), withUnit(r.median("storm", t, "total_s"), "s"), fnum(r.median("storm", t, "failed")), vs)
+		}
+		p("\nshardgate / HAProxy p99: %s.\n", times(ratio(ss, hs)))
+	}
 
 	if len(c.plots) > 0 {
 		p("\n## Plots\n\n")
@@ -294,12 +314,15 @@ func writeComparePlots(dir string, cfg *compareConfig, r *compareResults) ([]com
 	}
 	var out []comparePlot
 	for _, pl := range []struct {
-		title, file string
-		chart       io.WriterTo
+		fig, title, file string
+		chart            io.WriterTo
 	}{
-		{lat.Title, "compare-latency.svg", lat},
-		{mem.Title, "compare-memory.svg", mem},
+		{"latency", lat.Title, "compare-latency.svg", lat},
+		{"idle", mem.Title, "compare-memory.svg", mem},
 	} {
+		if r.runs[pl.fig] == nil {
+			continue
+		}
 		path := filepath.Join(dir, pl.file)
 		f, err := os.Create(path)
 		if err != nil {

@@ -209,3 +209,54 @@ func svgMarks(t *testing.T, name string, doc []byte) int {
 	}
 	return marks
 }
+
+// TestCompareFiguresNamed: --figures picks figures in their usual order and
+// refuses a name that is none.
+func TestCompareFiguresNamed(t *testing.T) {
+	all, err := compareFiguresNamed("")
+	if err != nil || len(all) != len(compareFigures) {
+		t.Fatalf("empty list: %d figures, %v; want all %d", len(all), err, len(compareFigures))
+	}
+	got, err := compareFiguresNamed("storm, latency")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].key != "latency" || got[1].key != "storm" {
+		t.Errorf("storm, latency: got %v", got)
+	}
+	if _, err := compareFiguresNamed("latency,cpu"); err == nil || !strings.Contains(err.Error(), `"cpu"`) {
+		t.Errorf("unknown figure: err %v", err)
+	}
+}
+
+// TestCompareReportPartial: a report of the latency figure alone has its
+// section and goal, and says of the others that they were not measured
+// instead of judging them.
+func TestCompareReportPartial(t *testing.T) {
+	res := newCompareResults()
+	for _, run := range []struct{ direct, haproxy, shardgate float64 }{{0.14, 0.22, 0.20}, {0.15, 0.24, 0.21}, {0.13, 0.21, 0.22}} {
+		for name, p99 := range map[string]float64{"direct": run.direct, "haproxy": run.haproxy, "shardgate": run.shardgate} {
+			res.add("latency", name, cmpMetrics{"p50": p99 / 2, "p90": p99 * 0.8, "p99": p99, "p999": p99 * 1.5, "samples": 6000})
+		}
+	}
+	rep := compareReport{cfg: compareConfig{runs: 3, pingRate: 200, pingDevices: 4, pingTime: 30 * time.Second, idleSteps: []int{0, 100}}, res: res}
+	md := rep.markdown()
+	goals := section(t, md, "Targets")
+	// Added p99 per run: haproxy 0.08, 0.09, 0.08; shardgate 0.06, 0.06, 0.09.
+	if cells := tableRow(goals, "added p99 latency"); cells == nil || cells[len(cells)-1] != "**met**" || !strings.HasPrefix(cells[1], "+0.080") || !strings.HasPrefix(cells[2], "+0.060") {
+		t.Errorf("latency goal row %q", cells)
+	}
+	for _, row := range []string{"proxy CPU per 1000 connects", "proxy CPU per 100k messages", "proxy RSS per idle connection", "connect storm CONNACK p99"} {
+		if cells := tableRow(goals, row); cells == nil || cells[len(cells)-1] != "not measured" {
+			t.Errorf("goal %q: %q, want not measured", row, cells)
+		}
+	}
+	if !strings.Contains(md, "## 4. Latency at light load") {
+		t.Error("no latency section")
+	}
+	for _, h := range []string{"## 1.", "## 2.", "## 3.", "## 5."} {
+		if strings.Contains(md, h) {
+			t.Errorf("section %s of a figure not measured", h)
+		}
+	}
+}

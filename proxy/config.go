@@ -30,6 +30,11 @@ type Config struct {
 	// EventLoops is the number of relay event loops (one listener socket per
 	// loop per address, SO_REUSEPORT). Default: the number of CPUs.
 	EventLoops int `yaml:"event_loops"`
+	// Threads is how many threads run the process's Go code at once
+	// (GOMAXPROCS): "auto" (the default) runs the loops on one thread while
+	// it keeps up and on every CPU when it does not (internal/procs); a
+	// number fixes it. The GOMAXPROCS environment variable, when set, wins.
+	Threads string `yaml:"threads"`
 	// Shards is the logical shard count of the routing contract. It must
 	// match the brokers' `shards` meta. Required when any backend has a shard.
 	Shards int `yaml:"shards"`
@@ -425,6 +430,9 @@ func (c *Config) SetDefaults() {
 	if c.EventLoops == 0 {
 		c.EventLoops = runtime.NumCPU()
 	}
+	if c.Threads == "" {
+		c.Threads = "auto"
+	}
 	if c.NoInstance == "" {
 		c.NoInstance = "spill"
 	}
@@ -548,6 +556,11 @@ func (c *Config) Validate() error {
 	}
 	if c.EventLoops < 0 || c.EventLoops > 1024 {
 		bad("event_loops", "%d is out of range 1..1024", c.EventLoops)
+	}
+	if c.Threads != "" && c.Threads != "auto" {
+		if n, err := strconv.Atoi(c.Threads); err != nil || n < 1 || n > 1024 {
+			bad("threads", "%q is neither \"auto\" nor a number 1..1024", c.Threads)
+		}
 	}
 	if c.Shards < 0 {
 		bad("shards", "%d is negative", c.Shards)

@@ -21,6 +21,7 @@ func TestConfigDefaults(t *testing.T) {
 		{"listen", c.Listen, []string{"0.0.0.0:1883"}},
 		{"admin", c.Admin, "127.0.0.1:9883"},
 		{"event_loops", c.EventLoops, runtime.NumCPU()},
+		{"threads", c.Threads, "auto"},
 		{"no_instance", c.NoInstance, "spill"},
 		{"empty_client_id", c.EmptyClientID, "source"},
 		{"connect.timeout", c.Connect.Timeout.D(), 10 * time.Second},
@@ -113,6 +114,8 @@ func TestConfigErrorsNameTheField(t *testing.T) {
 	cases := []struct{ yaml, field string }{
 		{"listen: [\"localhost:1883\"]\n" + ok, "listen[0]"},
 		{"admin: \"nope\"\n" + ok, "admin"},
+		{"threads: 0\n" + ok, "threads"},
+		{"threads: many\n" + ok, "threads"},
 		{"no_instance: drop\n" + ok, "no_instance"},
 		{"empty_client_id: maybe\n" + ok, "empty_client_id"},
 		{"connect: {max_size: 8}\n" + ok, "connect.max_size"},

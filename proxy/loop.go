@@ -228,6 +228,9 @@ func (l *loop) run() {
 			return
 		}
 		l.now = l.tick()
+		if n == len(l.events) && l.p.busy != nil {
+			l.p.busy()
+		}
 		for i := 0; i < n; i++ {
 			ev := &l.events[i]
 			switch {
@@ -252,7 +255,9 @@ func (l *loop) run() {
 		for i, r := range l.ready {
 			if r {
 				l.ready[i] = false
-				l.acceptFrom(i)
+				if l.acceptFrom(i) && l.p.busy != nil {
+					l.p.busy()
+				}
 			}
 		}
 		l.drainMore = false
@@ -494,24 +499,25 @@ func (l *loop) finishBatch() {
 	l.closing = l.closing[:0]
 }
 
-// acceptFrom accepts up to acceptBatch devices from listener i.
-func (l *loop) acceptFrom(i int) {
+// acceptFrom accepts up to acceptBatch devices from listener i. It reports
+// whether it took the whole batch, leaving devices perhaps still queued.
+func (l *loop) acceptFrom(i int) bool {
 	ln := &l.listeners[i]
 	for range acceptBatch {
 		if ln.fd < 0 {
-			return
+			return false
 		}
 		fd, src, err := sysAccept4(ln.fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 		switch err {
 		case nil:
 			l.accept(fd, src)
 		case unix.EAGAIN:
-			return
+			return false
 		case unix.EINTR, unix.ECONNABORTED:
 		case unix.EMFILE, unix.ENFILE:
 			if !l.shed(ln) {
 				l.pauseListener(i)
-				return
+				return false
 			}
 		default:
 			// ENOBUFS, ENOMEM, EPERM...: the connection stays queued
@@ -520,9 +526,10 @@ func (l *loop) acceptFrom(i int) {
 				l.p.log.Error("accept", "listen", ln.addr, "err", err)
 			}
 			l.pauseListener(i)
-			return
+			return false
 		}
 	}
+	return true
 }
 
 // shed accepts one pending connection and closes it at once, using the spare

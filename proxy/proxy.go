@@ -47,6 +47,11 @@ type Options struct {
 	// draws admission tokens from the host-wide buckets. Nil: a proxy of
 	// its own.
 	Worker *WorkerOptions
+	// Busy, when set, is called by a loop that found more work in one
+	// wakeup than one turn takes: a full batch of events, or an accept
+	// batch that did not empty its listener's queue. It must not block
+	// (procs.Governor.Hot).
+	Busy func()
 }
 
 // WorkerOptions describe a worker process's place under its supervisor.
@@ -150,6 +155,7 @@ type Proxy struct {
 	prevPIDs  []int
 	steerDone sync.Once
 	worker    *WorkerOptions
+	busy      func()        // Options.Busy; nil: nobody asks
 	loadStop  chan struct{} // closed to stop publishing the worker's load
 	loadFDs   []int         // the worker's steered listeners, for their queues
 	loadDone  chan struct{}
@@ -229,6 +235,7 @@ func New(o Options) (*Proxy, error) {
 		vipFD:     -1,
 		reg:       o.Registry,
 		worker:    o.Worker,
+		busy:      o.Busy,
 	}
 	if w := o.Worker; w != nil && (w.Count < 1 || w.Count > ebpf.MaxWorkers || w.Index < 0 || w.Index >= w.Count) {
 		return nil, fmt.Errorf("proxy: worker %d of %d, want 0 to count-1, count 1 to %d", w.Index, w.Count, ebpf.MaxWorkers)

@@ -158,7 +158,7 @@ func (c *compareReport) markdown() string {
 	p("- Date: %s\n", time.Now().UTC().Format("2006-01-02 15:04 MST"))
 	p("- Machine: %s\n", c.machine)
 	p("- Command: `%s`\n", strings.TrimSpace(c.command))
-	p("- Setup: %d Mosquitto brokers (one shard each); shardgate `proxy` (`event_loops: 2`, static backends, TCP health checks every 1 s, log level warn); "+
+	p("- Setup: %d Mosquitto brokers (one shard each); shardgate `proxy` (`event_loops: 2`, `threads: auto`: one thread while it keeps up, see docs/perf-notes.md; static backends, TCP health checks every 1 s, log level warn); "+
 		"HAProxy (`nbthread 2`, the client ID captured with `mqtt_field_value` into a variable, `balance hash` on it with `hash-type consistent`, "+
 		"TCP checks every 1 s, client/server timeouts 1 h); direct: each device connects to the broker the routing contract gives its client ID, "+
 		"the proxies' split of devices over brokers. Every process is separate; the MQTT 3.1.1 clients run in the bench process. "+

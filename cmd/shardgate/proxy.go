@@ -176,6 +176,10 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 		role = "worker"
 		opts.Worker = &proxy.WorkerOptions{Index: wk.index, Count: wk.count, Generation: wk.gen, Admission: wk.region}
 	}
+	gov := startThreads(cfg.Threads, log, reg)
+	if gov != nil {
+		opts.Busy = gov.Hot
+	}
 	px, err := proxy.New(opts)
 	if err != nil {
 		return err
@@ -189,6 +193,9 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
+	if gov != nil {
+		go gov.Run(ctx.Done())
+	}
 
 	srcDone := make(chan error, 1)
 	go func() {
@@ -296,7 +303,7 @@ func serveProxy(cfg *proxy.Config, log *slog.Logger, reload func() (*proxy.Confi
 	} else if up == nil || !up.takeover {
 		sdNotify("READY=1", log)
 	}
-	log.Info("shardgate proxy started", "listen", px.Addrs(), "admin", cfg.Admin, "event_loops", cfg.EventLoops, "shards", cfg.Shards, "backends", backendsDesc(cfg))
+	log.Info("shardgate proxy started", "listen", px.Addrs(), "admin", cfg.Admin, "event_loops", cfg.EventLoops, "threads", cfg.Threads, "shards", cfg.Shards, "backends", backendsDesc(cfg))
 
 	// deregister removes the proxy from Consul first thing on shutdown, so
 	// whatever discovers proxies there stops sending devices while the

@@ -47,9 +47,9 @@ type Options struct {
 	// draws admission tokens from the host-wide buckets. Nil: a proxy of
 	// its own.
 	Worker *WorkerOptions
-	// Busy, when set, is called by a loop that found more work in one
-	// wakeup than one turn takes: a full batch of events, or an accept
-	// batch that did not empty its listener's queue. It must not block
+	// Busy, when set, is called by a loop that found work queued behind
+	// its thread: a quarter of a full batch of events in one wakeup, or
+	// an accept batch that did not empty its listener's queue. It must not block
 	// (procs.Governor.Hot).
 	Busy func()
 }

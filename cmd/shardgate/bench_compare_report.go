@@ -162,7 +162,7 @@ func (c *compareReport) markdown() string {
 		"HAProxy (`nbthread 2`, the client ID captured with `mqtt_field_value` into a variable, `balance hash` on it with `hash-type consistent`, "+
 		"TCP checks every 1 s, client/server timeouts 1 h); direct: each device connects to the broker the routing contract gives its client ID, "+
 		"the proxies' split of devices over brokers. Every process is separate; the MQTT 3.1.1 clients run in the bench process. "+
-		"Within a run the targets take turns figure by figure; each figure is the median of %d runs. CPU is utime+stime of the whole process "+
+		"Within a run the targets take turns figure by figure (in the latency figure, ping by ping); each figure is the median of %d runs. CPU is utime+stime of the whole process "+
 		"(all threads) from `/proc/<pid>/stat`, 10 ms ticks; \"in the kernel\" is stime.\n\n", cmpBrokers, cfg.runs)
 
 	// Targets, as ratios against HAProxy in the same run.

@@ -65,9 +65,9 @@ func (g *Governor) Max() int { return g.max }
 // Procs is the current GOMAXPROCS as the Governor last set it.
 func (g *Governor) Procs() int { return int(g.cur.Load()) }
 
-// Hot tells the Governor that a loop found more work in one wakeup than
-// it takes in one turn (a full batch of events, an accept batch that did
-// not empty the queue): at one thread, it goes to Max there and then, in
+// Hot tells the Governor that a loop found work queued behind its thread
+// (many events in one wakeup, an accept batch that did not empty the
+// queue): at one thread, it goes to Max there and then, in
 // the caller, instead of at the next sample: a goroutine asked to do it
 // would wait for the busy loops to let go of the one thread. At Max it
 // costs an atomic load.

@@ -48,8 +48,8 @@ type Options struct {
 	// its own.
 	Worker *WorkerOptions
 	// Busy, when set, is called by a loop that found work queued behind
-	// its thread: a quarter of a full batch of events in one wakeup, or
-	// an accept batch that did not empty its listener's queue. It must not block
+	// its thread: a full batch of events in one wakeup, or an accept
+	// batch that did not empty its listener's queue. It must not block
 	// (procs.Governor.Hot).
 	Busy func()
 }

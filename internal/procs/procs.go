@@ -11,7 +11,7 @@
 // Under load the loops need every core, and the handoffs stop by themselves
 // (a busy thread does not sleep). The Governor starts on one thread, goes to
 // all of them as soon as the loops fall behind, and comes back to one when
-// the whole process has used less than half a core for a while.
+// the whole process has used less than 0.6 of a core for 2 s.
 package procs
 
 import (
@@ -31,9 +31,11 @@ const (
 	// behind each other.
 	raiseAt = 0.75
 	// lowerAt: on all threads, CPU below this share of a core for
-	// lowerAfter samples in a row fits on one thread with room left; on
-	// one thread the same work costs less than it did on all.
-	lowerAt    = 0.5
+	// lowerAfter samples in a row fits on one thread with room left: on
+	// one thread the same work costs less than it did on all (10–15%),
+	// so it stays under raiseAt and the Governor cannot swing. A raise
+	// for a burst that one thread would have taken is undone this way.
+	lowerAt    = 0.6
 	lowerAfter = 8 // 2 s
 )
 

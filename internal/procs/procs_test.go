@@ -46,7 +46,7 @@ func TestGovernorLowersAfterQuietWhile(t *testing.T) {
 		t.Fatalf("Hot at one thread: procs %d, raises %d", g.Procs(), g.Raises.Load())
 	}
 	// A busy sample in the middle starts the count again.
-	g.feed(0.3, 0.3, 0.3, 0.3, 0.3, 0.6)
+	g.feed(0.3, 0.3, 0.3, 0.3, 0.3, 0.65)
 	g.feed(0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3)
 	if g.Procs() != 2 {
 		t.Fatalf("lowered after 7 quiet samples (%v)", *sets)
@@ -57,7 +57,7 @@ func TestGovernorLowersAfterQuietWhile(t *testing.T) {
 	}
 	// Between lowerAt and raiseAt it stays where it is, either way: the
 	// same load costs less on one thread than on two, so it cannot swing.
-	g.feed(0.6, 0.7, 0.6)
+	g.feed(0.65, 0.7, 0.65)
 	if g.Procs() != 1 {
 		t.Fatalf("raised at %d under 0.75", g.Procs())
 	}

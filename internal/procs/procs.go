@@ -39,7 +39,7 @@ const (
 	lowerAfter = 8 // 2 s
 )
 
-// Governor moves GOMAXPROCS between 1 and Max. The zero value is not
+// Governor moves GOMAXPROCS between 1 and a maximum. The zero value is not
 // usable; see New.
 type Governor struct {
 	max  int
@@ -48,7 +48,7 @@ type Governor struct {
 	cpu  func() time.Duration
 	set  func(int)
 	cool int // samples in a row under lowerAt
-	// Raises counts the moves to Max, Lowers the moves back to 1.
+	// Raises counts the moves to the maximum, Lowers those back to 1.
 	Raises, Lowers atomic.Uint64
 }
 
@@ -61,17 +61,14 @@ func New(max int) *Governor {
 	return g
 }
 
-// Max is the most threads the Governor uses.
-func (g *Governor) Max() int { return g.max }
-
 // Procs is the current GOMAXPROCS as the Governor last set it.
 func (g *Governor) Procs() int { return int(g.cur.Load()) }
 
 // Hot tells the Governor that a loop found work queued behind its thread
-// (many events in one wakeup, an accept batch that did not empty the
-// queue): at one thread, it goes to Max there and then, in
-// the caller, instead of at the next sample: a goroutine asked to do it
-// would wait for the busy loops to let go of the one thread. At Max it
+// (a full batch of events in one wakeup, an accept batch that did not
+// empty the queue): at one thread, it goes to all of them there and then,
+// in the caller, instead of at the next sample: a goroutine asked to do it
+// would wait for the busy loops to let go of the one thread. At the maximum it
 // costs an atomic load.
 func (g *Governor) Hot() {
 	if int(g.cur.Load()) >= g.max {
@@ -124,12 +121,14 @@ func (g *Governor) observe(cores float64) {
 // apply sets GOMAXPROCS to n; g.mu is held.
 func (g *Governor) apply(n int) {
 	g.cool = 0
-	if int(g.cur.Load()) == n {
+	cur := int(g.cur.Load())
+	switch {
+	case cur == n:
 		return
-	}
-	if n > int(g.cur.Load()) && g.cur.Load() != 0 {
+	case cur == 0: // New's first setting
+	case n > cur:
 		g.Raises.Add(1)
-	} else if g.cur.Load() != 0 {
+	default:
 		g.Lowers.Add(1)
 	}
 	g.set(n)

@@ -24,8 +24,14 @@ import (
 )
 
 const (
-	// sample is how often the Governor reads the process's CPU time.
-	sample = 250 * time.Millisecond
+	// sample is how often the Governor reads the process's CPU time;
+	// idleSample how often while the process is nearly idle (under
+	// idleBelow of a core on one thread): its wakeups are then most of
+	// what an idle worker costs, and a storm out of quiet raises through
+	// Hot, not through the sample.
+	sample     = 250 * time.Millisecond
+	idleSample = time.Second
+	idleBelow  = 0.1
 	// raiseAt: on one thread, CPU over one sample at or above this share
 	// of a core means the thread is busy enough for wakeups to queue
 	// behind each other.
@@ -81,7 +87,7 @@ func (g *Governor) Hot() {
 
 // Run samples the process's CPU and moves GOMAXPROCS until stop is closed.
 func (g *Governor) Run(stop <-chan struct{}) {
-	t := time.NewTicker(sample)
+	t := time.NewTimer(sample)
 	defer t.Stop()
 	last, at := g.cpu(), time.Now()
 	for {
@@ -90,12 +96,18 @@ func (g *Governor) Run(stop <-chan struct{}) {
 			return
 		case now := <-t.C:
 			c := g.cpu()
+			next := sample
 			if d := now.Sub(at); d > 0 {
+				cores := float64(c-last) / float64(d)
 				g.mu.Lock()
-				g.observe(float64(c-last) / float64(d))
+				g.observe(cores)
 				g.mu.Unlock()
+				if cores < idleBelow && g.Procs() == 1 {
+					next = idleSample
+				}
 			}
 			last, at = c, now
+			t.Reset(next)
 		}
 	}
 }

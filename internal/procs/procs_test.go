@@ -1,6 +1,7 @@
 package procs
 
 import (
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -96,5 +97,26 @@ func TestProcessCPUMoves(t *testing.T) {
 	}
 	if b := processCPU(); b <= a {
 		t.Fatalf("process CPU did not move over 50 ms of spinning: %v then %v", a, b)
+	}
+}
+
+// TestGovernorRunSamplesIdleSlowly: with the process idle on one thread,
+// the samples come a second apart instead of every 250 ms.
+func TestGovernorRunSamplesIdleSlowly(t *testing.T) {
+	g, _ := governor(2)
+	var calls atomic.Int64
+	g.cpu = func() time.Duration { calls.Add(1); return 0 }
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { g.Run(stop); close(done) }()
+	time.Sleep(sample + idleSample + sample/2)
+	close(stop)
+	<-done
+	// The start, the first sample at 250 ms, the next a second later.
+	if n := calls.Load(); n > 3 {
+		t.Errorf("%d CPU reads in %v of an idle process, want 3", n, sample+idleSample+sample/2)
+	}
+	if g.Procs() != 1 {
+		t.Errorf("idle: %d threads", g.Procs())
 	}
 }

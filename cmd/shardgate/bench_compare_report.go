@@ -162,8 +162,8 @@ func (c *compareReport) markdown() string {
 		"HAProxy (`nbthread 2`, the client ID captured with `mqtt_field_value` into a variable, `balance hash` on it with `hash-type consistent`, "+
 		"TCP checks every 1 s, client/server timeouts 1 h); direct: each device connects to the broker the routing contract gives its client ID, "+
 		"the proxies' split of devices over brokers. Every process is separate; the MQTT 3.1.1 clients run in the bench process. "+
-		"Within a run the targets take turns figure by figure (in the latency figure, ping by ping); each figure is the median of %d runs. CPU is utime+stime of the whole process "+
-		"(all threads) from `/proc/<pid>/stat`, 10 ms ticks; \"in the kernel\" is stime.\n\n", cmpBrokers, cfg.runs)
+		"Within a run the targets take turns figure by figure (in the connect figure, in %d turns; in the latency figure, ping by ping); each figure is the median of %d runs. CPU is utime+stime of the whole process "+
+		"(all threads) from `/proc/<pid>/stat`, 10 ms ticks; \"in the kernel\" is stime.\n\n", cmpBrokers, cfg.connectParts(), cfg.runs)
 
 	// Targets, as ratios against HAProxy in the same run.
 	hc, sc := r.median("connect", "haproxy", "proxy_ms"), r.median("connect", "shardgate", "proxy_ms")
@@ -186,7 +186,8 @@ func (c *compareReport) markdown() string {
 
 	if measured("connect") {
 		p("## 1. Proxy CPU per 1000 connects\n\n")
-		p("%d devices, %d in flight, each CONNECT→CONNACK→DISCONNECT then close; CPU from before the first connect until the proxy has closed the last connection.\n\n", cfg.connects, cfg.connectInflight)
+		p("%d devices, %d in flight, each CONNECT→CONNACK→DISCONNECT then close; CPU from before the first connect until the proxy has closed the last connection. "+
+			"The targets take turns, %d devices at a time, and each figure sums its turns.\n\n", cfg.connects, cfg.connectInflight, cfg.connects/cfg.connectParts())
 		p("| target | proxy CPU per 1000 connects | of it in the kernel | brokers' CPU per 1000 connects | connects/s | failed |\n|---|---:|---:|---:|---:|---:|\n")
 		for _, t := range targets {
 			p("| %s | %s | %s | %s | %s | %s |\n", t, withUnit(r.median("connect", t, "proxy_ms"), "ms"), withUnit(r.median("connect", t, "proxy_sys_ms"), "ms"),
